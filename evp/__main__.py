@@ -1,0 +1,3 @@
+from evp.cli import main
+
+main()
