@@ -1,0 +1,288 @@
+"""The `evp` command: one typer app with a subcommand per role.
+
+Each command parses its options (every option also reads an `EVP_` environment
+variable) and calls the role's `run`. Nothing here holds logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evp import __version__
+
+app = typer.Typer(
+    help="evp: a durable event queue with key-ordered, sharded processing.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+QueueAddress = Annotated[
+    str,
+    typer.Option("--queue", envvar="EVP_QUEUE", help="Address of the queue, HOST:PORT."),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="EVP_TOKEN",
+        help="Shared secret the queue requires in the handshake; never logged.",
+        show_default=False,
+    ),
+]
+Topic = Annotated[str, typer.Option("--topic", envvar="EVP_TOPIC", help="Topic name.")]
+LogLevel = Annotated[
+    str,
+    typer.Option("--log-level", envvar="EVP_LOG_LEVEL", help="Logging level: DEBUG, INFO, WARNING or ERROR."),
+]
+
+
+class FsyncPolicy(str, Enum):
+    always = "always"
+    batch = "batch"
+    never = "never"
+
+
+def _setup_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise typer.BadParameter(f"invalid log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(
+        level=numeric,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"evp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """evp: a durable event queue with key-ordered, sharded processing."""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def queue(
+    host: Annotated[str, typer.Option(envvar="EVP_HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="EVP_PORT", min=0, max=65535, help="TCP port to listen on (0 picks a free one).")] = 8000,
+    data_dir: Annotated[Path, typer.Option(envvar="EVP_DATA_DIR", help="Directory for the event log and group positions.")] = Path("evp-data"),
+    partitions: Annotated[int, typer.Option(envvar="EVP_PARTITIONS", min=1, max=4096, help="Partitions of each new topic; fixed once the topic exists.")] = 64,
+    fsync: Annotated[FsyncPolicy, typer.Option(envvar="EVP_FSYNC", help="always: acknowledge after fsync; batch: after write, fsync every --fsync-interval-ms; never: leave it to the OS.")] = FsyncPolicy.batch,
+    fsync_interval_ms: Annotated[int, typer.Option(envvar="EVP_FSYNC_INTERVAL_MS", min=1, help="fsync period of the batch policy, in milliseconds.")] = 200,
+    max_event_bytes: Annotated[int, typer.Option(envvar="EVP_MAX_EVENT_BYTES", min=64, help="Largest event accepted, in bytes.")] = 1024 * 1024,
+    max_frame_bytes: Annotated[int, typer.Option(envvar="EVP_MAX_FRAME_BYTES", min=1024, help="Largest wire frame accepted, in bytes.")] = 16 * 1024 * 1024,
+    max_in_flight: Annotated[int, typer.Option(envvar="EVP_MAX_IN_FLIGHT", min=1, help="Upper bound on unacknowledged events per shard, in events.")] = 10000,
+    session_timeout_ms: Annotated[int, typer.Option(envvar="EVP_SESSION_TIMEOUT_MS", min=100, help="A shard silent this long is declared dead, in milliseconds.")] = 10000,
+    segment_bytes: Annotated[int, typer.Option(envvar="EVP_SEGMENT_BYTES", min=4096, help="Size at which a partition starts a new log segment, in bytes.")] = 64 * 1024 * 1024,
+    token: Token = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the queue server: store events durably and hand them to shards."""
+    from evp import server
+    from evp.storage import StorageError
+
+    _setup_logging(log_level)
+    if max_event_bytes + 64 > max_frame_bytes:
+        _fail(
+            f"--max-event-bytes {max_event_bytes} does not fit in --max-frame-bytes "
+            f"{max_frame_bytes}; raise the frame limit or lower the event limit"
+        )
+    config = server.QueueConfig(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        partitions=partitions,
+        fsync=fsync.value,
+        fsync_interval_ms=fsync_interval_ms,
+        max_event_bytes=max_event_bytes,
+        max_frame_bytes=max_frame_bytes,
+        max_in_flight=max_in_flight,
+        session_timeout_ms=session_timeout_ms,
+        segment_bytes=segment_bytes,
+        token=token,
+    )
+    try:
+        server.run(config)
+    except StorageError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+@app.command()
+def process(
+    queue: QueueAddress = "127.0.0.1:8000",
+    shards: Annotated[int, typer.Option(envvar="EVP_SHARDS", min=1, max=1024, help="Number of shard worker processes.")] = 8,
+    group: Annotated[str, typer.Option(envvar="EVP_GROUP", help="Consumer group; processors in one group share the work.")] = "default",
+    topic: Topic = "events",
+    handler: Annotated[str | None, typer.Option(envvar="EVP_HANDLER", help="MODULE:FUNCTION called on each event; events pass through unchanged without it.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(envvar="EVP_OUTPUT", help="Directory for one JSON-lines file of results per shard.", show_default=False)] = None,
+    node: Annotated[str | None, typer.Option(envvar="EVP_NODE", help="Node name in member ids (<node>/shard-<n>); defaults to the host name. Give each processor on one host its own.", show_default=False)] = None,
+    max_in_flight: Annotated[int, typer.Option(envvar="EVP_MAX_IN_FLIGHT", min=1, help="Unacknowledged events each shard accepts at once.")] = 1000,
+    drain_timeout: Annotated[float, typer.Option(envvar="EVP_DRAIN_TIMEOUT", min=0, help="Seconds a shard may take to finish its events on shutdown.")] = 30.0,
+    token: Token = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run shard worker processes that process events with a handler."""
+    from evp import processor
+    from evp.client import parse_address
+    from evp.storage import StorageError, check_name
+
+    _setup_logging(log_level)
+    try:
+        parse_address(queue)
+        check_name("topic", topic)
+        check_name("group", group)
+        if handler:
+            processor.load_handler(handler)
+    except (ValueError, StorageError, processor.HandlerError) as exc:
+        _fail(str(exc))
+    config = processor.ProcessorConfig(
+        queue=queue,
+        shards=shards,
+        group=group,
+        topic=topic,
+        handler=handler,
+        output=output,
+        max_in_flight=max_in_flight,
+        drain_timeout_s=drain_timeout,
+        token=token,
+        log_level=log_level.upper(),
+    )
+    if node:
+        config.node = node
+    code = processor.run(config)
+    raise typer.Exit(code)
+
+
+@app.command()
+def publish(
+    queue: QueueAddress = "127.0.0.1:8000",
+    topic: Topic = "events",
+    rate: Annotated[float, typer.Option(envvar="EVP_RATE", min=0, help="Events per second; 0 sends as fast as the queue accepts.")] = 100.0,
+    count: Annotated[int | None, typer.Option(envvar="EVP_COUNT", min=0, help="Stop after this many events.", show_default=False)] = None,
+    duration: Annotated[float | None, typer.Option(envvar="EVP_DURATION", min=0, help="Stop after this many seconds.", show_default=False)] = None,
+    file: Annotated[str | None, typer.Option("--file", envvar="EVP_FILE", help="JSON-lines file to publish (.gz is decompressed); - for standard input. Without it, random events are generated.", show_default=False)] = None,
+    key_field: Annotated[str | None, typer.Option(envvar="EVP_KEY_FIELD", help="Dotted path of the key in each event, e.g. repo.name; default partitionkey, then id.", show_default=False)] = None,
+    keys: Annotated[int, typer.Option(envvar="EVP_KEYS", min=1, help="Distinct user ids (keys) of generated events.")] = 1000,
+    token: Token = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Publish generated events, or JSON lines from a file or stdin, at a held rate."""
+    from evp import events, publisher
+    from evp.client import ClientError, parse_address
+    from evp.storage import StorageError, check_name
+
+    _setup_logging(log_level)
+    try:
+        parse_address(queue)
+        check_name("topic", topic)
+        events.key_path(key_field)
+        if file is not None and file != "-" and not Path(file).is_file():
+            raise ValueError(f"input file {file!r} not found")
+    except (ValueError, StorageError) as exc:
+        _fail(str(exc))
+    config = publisher.PublishConfig(
+        queue=queue,
+        topic=topic,
+        rate=rate,
+        count=count,
+        duration_s=duration,
+        file=file,
+        key_field=key_field,
+        keys=keys,
+        token=token,
+    )
+    if file is None and count is None and duration is None:
+        typer.echo("publishing generated events until Ctrl-C (set --count or --duration to stop)", err=True)
+    try:
+        report = publisher.run(config)
+    except ClientError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    rate_done = report.sent / report.elapsed_s if report.elapsed_s else 0.0
+    typer.echo(
+        f"sent={report.sent} acknowledged={report.acked} rejected={report.rejected} "
+        f"invalid_lines={report.invalid_lines} unacknowledged={report.unacked} "
+        f"elapsed_s={report.elapsed_s:.2f} rate_per_s={rate_done:.0f}",
+        err=True,
+    )
+    if not report.ok:
+        _fail(
+            f"{report.unacked} events were not acknowledged and {report.rejected} were rejected",
+            code=1,
+        )
+
+
+@app.command()
+def stats(
+    queue: QueueAddress = "127.0.0.1:8000",
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of the live view.")] = False,
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Print one plain line per interval (the default when stdout is not a terminal).")] = False,
+    interval: Annotated[float, typer.Option(envvar="EVP_STATS_INTERVAL", min=0.1, help="Seconds between refreshes.")] = 1.0,
+    token: Token = None,
+) -> None:
+    """Show the queue's throughput, lag and shards, live."""
+    from evp import stats as stats_view
+    from evp.client import ClientError, parse_address
+
+    try:
+        parse_address(queue)
+    except ValueError as exc:
+        _fail(str(exc))
+    import uvloop
+
+    try:
+        uvloop.run(
+            stats_view.watch(
+                queue, as_json=json_output, once=once, plain=plain, interval_s=interval, token=token
+            )
+        )
+    except ClientError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def demo(
+    shards: Annotated[int, typer.Option(envvar="EVP_SHARDS", min=1, max=64, help="Number of shard worker processes.")] = 8,
+    count: Annotated[int, typer.Option(envvar="EVP_COUNT", min=1, help="Events to publish.")] = 20000,
+    rate: Annotated[float, typer.Option(envvar="EVP_RATE", min=0, help="Events per second; 0 for as fast as possible.")] = 5000.0,
+    partitions: Annotated[int, typer.Option(envvar="EVP_PARTITIONS", min=1, max=4096, help="Partitions of the demo topic.")] = 64,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary directory with the data, logs and outputs.")] = False,
+) -> None:
+    """Run a queue, shards and a publisher together on a temporary directory, then check the result."""
+    from evp import demo as demo_run
+
+    code = demo_run.run(shards=shards, count=count, rate=rate, partitions=partitions, keep=keep)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,530 @@
+"""Asynchronous clients of the queue: a batching Producer and a group Consumer.
+
+Both speak the protocol of evp.protocol over one TCP connection and reconnect after
+the queue restarts. The Producer keeps every batch until the queue acknowledges it
+and sends the unacknowledged ones again on a new connection, so an acknowledged
+event is stored and an unacknowledged one is retried (at-least-once publishing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from evp import __version__, protocol, records
+
+logger = logging.getLogger("evp.client")
+
+RECONNECT_INITIAL_S = 0.1
+RECONNECT_MAX_S = 2.0
+
+
+class ClientError(Exception):
+    """A failure talking to the queue."""
+
+
+class ServerError(ClientError):
+    """The queue answered with an ERROR frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split "HOST:PORT" (or "[v6]:PORT"); raise ValueError naming the bad value."""
+    host, separator, port_text = address.rpartition(":")
+    if not separator or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"invalid queue address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    return host.strip("[]"), int(port_text)
+
+
+class FrameConnection(asyncio.Protocol):
+    """A client connection that decodes frames and passes each to `on_frame`."""
+
+    def __init__(self, on_frame: Callable[[protocol.Frame], None], max_frame_bytes: int) -> None:
+        self.on_frame = on_frame
+        self.decoder = protocol.Decoder(max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except protocol.ProtocolError as exc:
+            logger.error("protocol error from the queue: %s", exc)
+            self.close()
+            return
+        for frame in frames:
+            self.on_frame(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect(
+    address: str,
+    on_frame: Callable[[protocol.Frame], None],
+    *,
+    token: str | None = None,
+    producer_id: str | None = None,
+    timeout_s: float = 10.0,
+) -> tuple[FrameConnection, protocol.Welcome]:
+    """Open a connection and complete the handshake. Frames after WELCOME go to `on_frame`."""
+    host, port = parse_address(address)
+    loop = asyncio.get_running_loop()
+    welcome: asyncio.Future[protocol.Frame] = loop.create_future()
+
+    def first_frame(frame: protocol.Frame) -> None:
+        if not welcome.done():
+            welcome.set_result(frame)
+        else:
+            on_frame(frame)
+
+    try:
+        _, connection = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: FrameConnection(first_frame, protocol.DEFAULT_MAX_FRAME_BYTES), host, port
+            ),
+            timeout_s,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ClientError(f"cannot connect to the queue at {address}: {exc}") from exc
+    connection.send(
+        protocol.encode(
+            protocol.Hello(client=f"evp/{__version__}", token=token, producer_id=producer_id)
+        )
+    )
+    done, _ = await asyncio.wait([welcome, connection.closed], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    if welcome in done:
+        frame = welcome.result()
+        if isinstance(frame, protocol.Welcome):
+            connection.on_frame = on_frame
+            connection.decoder.max_frame_bytes = frame.max_frame_bytes
+            return connection, frame
+        connection.close()
+        if isinstance(frame, protocol.Error):
+            raise ServerError(frame.code, frame.message)
+        raise ClientError(f"the queue at {address} answered HELLO with {type(frame).__name__}")
+    connection.close()
+    if connection.closed in done:
+        raise ClientError(f"the queue at {address} closed the connection during the handshake")
+    raise ClientError(f"the queue at {address} did not answer the handshake within {timeout_s} s")
+
+
+@dataclass
+class _Batch:
+    seq: int
+    topic: str
+    entries: list[tuple[bytes, bytes, int]]
+    size_bytes: int
+    sent: bool = False
+
+
+class Producer:
+    """Publish events in batches and track the queue's acknowledgements.
+
+    `publish` only queues an event; batches go out when the event loop next runs, so
+    everything published in one loop iteration shares a frame. `flush` waits until
+    every queued event is acknowledged or rejected.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        max_batch_events: int = 2000,
+        max_batch_bytes: int = 1024 * 1024,
+        max_unacked_events: int = 100_000,
+        on_rejected: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.token = token
+        self.max_batch_events = max_batch_events
+        self.max_batch_bytes = max_batch_bytes
+        self.max_unacked_events = max_unacked_events
+        self.on_rejected = on_rejected
+        self.sent = 0
+        self.acked = 0
+        self.rejected = 0
+        self.reconnects = 0
+        self.max_event_bytes = 0
+        self._seq = 0
+        self._open: dict[str, _Batch] = {}
+        self._unacked: collections.OrderedDict[int, _Batch] = collections.OrderedDict()
+        self._unacked_events = 0
+        self._connection: FrameConnection | None = None
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
+        self._flush_scheduled = False
+        self._runner: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        """Connect once, raising ClientError if the queue cannot be reached at all."""
+        await self._connect()
+        self._runner = asyncio.create_task(self._keep_connected())
+
+    async def _connect(self) -> None:
+        connection, welcome = await connect(self.address, self._on_frame, token=self.token)
+        self.max_event_bytes = welcome.max_event_bytes
+        self._connection = connection
+        self._connected.set()
+        for batch in self._unacked.values():
+            batch.sent = False
+        self._send_unsent()
+
+    async def _keep_connected(self) -> None:
+        delay = RECONNECT_INITIAL_S
+        while not self._closing:
+            assert self._connection is not None
+            await self._connection.closed
+            self._connected.clear()
+            if self._closing:
+                return
+            logger.warning(
+                "connection to the queue at %s lost; %d events unacknowledged, reconnecting",
+                self.address,
+                self._unacked_events,
+            )
+            while not self._closing:
+                await asyncio.sleep(delay)
+                try:
+                    await self._connect()
+                except ClientError as exc:
+                    self.last_error = str(exc)
+                    delay = min(delay * 2, RECONNECT_MAX_S)
+                    logger.debug("reconnect failed: %s", exc)
+                    continue
+                self.reconnects += 1
+                delay = RECONNECT_INITIAL_S
+                logger.info("reconnected to the queue at %s", self.address)
+                break
+
+    def publish(self, topic: str, key: bytes, value: bytes, timestamp_us: int | None = None) -> None:
+        if timestamp_us is None:
+            timestamp_us = time.time_ns() // 1000
+        batch = self._open.get(topic)
+        if batch is None:
+            batch = self._open[topic] = _Batch(0, topic, [], 0)
+        batch.entries.append((key, value, timestamp_us))
+        batch.size_bytes += len(key) + len(value) + 14
+        self._unacked_events += 1
+        self.sent += 1
+        self._all_acked.clear()
+        if self._unacked_events >= self.max_unacked_events:
+            self._capacity.clear()
+        if len(batch.entries) >= self.max_batch_events or batch.size_bytes >= self.max_batch_bytes:
+            self._seal(topic)
+            self._send_unsent()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_open)
+
+    async def wait_for_capacity(self) -> None:
+        """Wait while too many events are unacknowledged (backpressure from the queue)."""
+        await self._capacity.wait()
+
+    def _seal(self, topic: str) -> None:
+        batch = self._open.pop(topic)
+        self._seq += 1
+        batch.seq = self._seq
+        self._unacked[batch.seq] = batch
+
+    def _flush_open(self) -> None:
+        self._flush_scheduled = False
+        for topic in list(self._open):
+            self._seal(topic)
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return
+        for batch in self._unacked.values():
+            if not batch.sent:
+                connection.send(protocol.encode_publish(batch.seq, batch.topic, batch.entries))
+                batch.sent = True
+
+    def _on_frame(self, frame: protocol.Frame) -> None:
+        if isinstance(frame, protocol.Published):
+            batch = self._unacked.pop(frame.seq, None)
+            if batch is not None:
+                self.acked += len(batch.entries)
+                self._settle(len(batch.entries))
+        elif isinstance(frame, protocol.Error):
+            self._on_error(frame)
+        else:
+            logger.debug("producer ignored a %s frame", type(frame).__name__)
+
+    def _on_error(self, frame: protocol.Error) -> None:
+        self.last_error = f"{frame.message} ({frame.code})"
+        batch = self._unacked.get(frame.seq) if frame.seq is not None else None
+        if batch is None:
+            logger.error("the queue reported an error: %s", self.last_error)
+            return
+        if frame.code == "invalid_event":
+            del self._unacked[batch.seq]
+            self.rejected += len(batch.entries)
+            self._settle(len(batch.entries))
+            if self.on_rejected is not None:
+                self.on_rejected(frame.message, len(batch.entries))
+            else:
+                logger.error(
+                    "the queue rejected a batch of %d events: %s", len(batch.entries), frame.message
+                )
+            return
+        # Storage errors and the like are temporary: send the batch again shortly.
+        logger.warning("the queue could not store batch %d: %s; retrying in 1 s", batch.seq, frame.message)
+        batch.sent = False
+        asyncio.get_running_loop().call_later(1.0, self._send_unsent)
+
+    def _settle(self, count: int) -> None:
+        self._unacked_events -= count
+        if self._unacked_events < self.max_unacked_events:
+            self._capacity.set()
+        if self._unacked_events == 0:
+            self._all_acked.set()
+
+    @property
+    def unacked(self) -> int:
+        return self._unacked_events
+
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Send what is queued and wait for the acknowledgements; False on timeout."""
+        self._flush_open()
+        try:
+            await asyncio.wait_for(self._all_acked.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._connection is not None:
+            self._connection.close()
+
+
+ProcessBatch = Callable[[int, list[records.Record]], Awaitable[None]]
+
+
+class Consumer:
+    """A member of a consumer group: receives its partitions' events and acknowledges them.
+
+    `process(partition, records)` is awaited for each DELIVER frame in arrival order;
+    when it returns, the records are acknowledged. After a reconnect, frames received
+    on the old connection are dropped unprocessed, because the queue sends them again.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        topic: str,
+        group: str,
+        member: str,
+        process: ProcessBatch,
+        max_in_flight: int = 1000,
+        token: str | None = None,
+    ) -> None:
+        self.address = address
+        self.topic = topic
+        self.group = group
+        self.member = member
+        self.process = process
+        self.max_in_flight = max_in_flight
+        self.token = token
+        self.partitions: list[int] = []
+        self.generation = 0
+        self.reconnects = 0
+        self._frames: collections.deque[tuple[int, protocol.Deliver]] = collections.deque()
+        self._frame_ready = asyncio.Event()
+        self._epoch = 0
+        self._connection: FrameConnection | None = None
+        self._heartbeat_ms = 1000
+        self._leaving = False
+        self._left = asyncio.Event()
+        self._stopped = False
+        self.fatal_error: ServerError | None = None
+
+    def _on_frame(self, frame: protocol.Frame) -> None:
+        if isinstance(frame, protocol.Deliver):
+            self._frames.append((self._epoch, frame))
+            self._frame_ready.set()
+        elif isinstance(frame, protocol.Assigned):
+            self.partitions = list(frame.partitions)
+            self.generation = frame.generation
+            logger.info(
+                "member=%s assigned %d partitions (generation %d)",
+                self.member,
+                len(frame.partitions),
+                frame.generation,
+            )
+            if self._leaving and not frame.partitions:
+                self._left.set()
+                self._frame_ready.set()
+        elif isinstance(frame, protocol.Error):
+            logger.error("the queue reported an error to member=%s: %s", self.member, frame.message)
+            if frame.fatal and frame.code in ("authentication_failed", "invalid_name", "invalid_member"):
+                self.fatal_error = ServerError(frame.code, frame.message)
+        elif isinstance(frame, protocol.Pong):
+            pass
+
+    async def run(self) -> None:
+        """Connect, join and process until `stop` or `leave` completes."""
+        worker = asyncio.create_task(self._work())
+        try:
+            await self._session_loop()
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def _session_loop(self) -> None:
+        delay = RECONNECT_INITIAL_S
+        while not self._stopped:
+            try:
+                connection, welcome = await connect(self.address, self._on_frame, token=self.token)
+            except ServerError as exc:
+                if exc.code == "authentication_failed":
+                    raise
+                logger.warning("member=%s: %s; retrying in %.1f s", self.member, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            except ClientError as exc:
+                logger.warning("member=%s: %s; retrying in %.1f s", self.member, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay = RECONNECT_INITIAL_S
+            self._epoch += 1
+            self._frames.clear()
+            self._connection = connection
+            self._heartbeat_ms = welcome.heartbeat_interval_ms
+            connection.send(
+                protocol.encode(
+                    protocol.Join(self.topic, self.group, self.member, self.max_in_flight)
+                )
+            )
+            heartbeat = asyncio.create_task(self._heartbeat(connection))
+            try:
+                await connection.closed
+            finally:
+                heartbeat.cancel()
+            self.partitions = []
+            if self.fatal_error is not None:
+                raise self.fatal_error
+            if self._stopped or self._left.is_set():
+                return
+            self.reconnects += 1
+            logger.warning("member=%s lost its connection to the queue; reconnecting", self.member)
+
+    async def _heartbeat(self, connection: FrameConnection) -> None:
+        nonce = 0
+        while not connection.is_closed:
+            await asyncio.sleep(self._heartbeat_ms / 1000)
+            nonce += 1
+            connection.send(protocol.encode(protocol.Ping(nonce)))
+
+    async def _work(self) -> None:
+        pending_acks: dict[int, int] = {}
+        while True:
+            if not self._frames:
+                self._flush_acks(pending_acks)
+                if self._leaving and self._left.is_set():
+                    self._finish_leave()
+                self._frame_ready.clear()
+                await self._frame_ready.wait()
+                continue
+            epoch, frame = self._frames.popleft()
+            if epoch != self._epoch:
+                continue
+            batch = list(records.decode(frame.records, verify=False))
+            await self.process(frame.partition, batch)
+            if epoch != self._epoch:
+                continue
+            if batch:
+                pending_acks[frame.partition] = batch[-1].offset + 1
+            if len(pending_acks) >= 8:
+                self._flush_acks(pending_acks)
+
+    def _flush_acks(self, pending: dict[int, int]) -> None:
+        if pending and self._connection is not None:
+            self._connection.send(protocol.encode_ack(list(pending.items())))
+        pending.clear()
+
+    def _finish_leave(self) -> None:
+        self._stopped = True
+        if self._connection is not None:
+            self._connection.close()
+
+    async def leave(self, timeout_s: float = 30.0) -> bool:
+        """Stop taking new events, finish and acknowledge the buffered ones, then disconnect.
+
+        Returns False if the drain did not finish within `timeout_s`; the queue then
+        delivers the unacknowledged events to another member.
+        """
+        self._leaving = True
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            self._stopped = True
+            self._frame_ready.set()
+            return True
+        connection.send(protocol.encode(protocol.Leave()))
+        self._frame_ready.set()
+        try:
+            await asyncio.wait_for(connection.closed, timeout_s)
+        except TimeoutError:
+            self.stop()
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Disconnect at once; unacknowledged events go to other members."""
+        self._stopped = True
+        if self._connection is not None:
+            self._connection.close()

@@ -1,0 +1,180 @@
+"""Events as the publisher sees them: reading JSON lines, finding keys, generating.
+
+The key of an event decides its partition. It is taken from the `--key-field` dotted
+path when one is given, else from the CloudEvents attribute `partitionkey`, else from
+`id`. Strings are used as they are; integers and floats by their JSON text, so the
+integer 2**64 and 2**64 + 1 stay two keys; true, false, null, objects and arrays are
+not keys.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import random
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+
+class InvalidEvent(Exception):
+    """An input line or event that cannot be published."""
+
+
+def key_path(spec: str | None) -> list[list[str]]:
+    """Turn `--key-field` into the list of paths to try, in order."""
+    if spec:
+        parts = spec.split(".")
+        if not all(parts):
+            raise ValueError(f"invalid key field {spec!r}: use a dotted path such as repo.name")
+        return [parts]
+    return [["partitionkey"], ["id"]]
+
+
+def extract_key(event: dict[str, Any], paths: list[list[str]]) -> bytes:
+    """Return the key of `event` as UTF-8 bytes, or raise InvalidEvent."""
+    for path in paths:
+        value: Any = event
+        for part in path:
+            if not isinstance(value, dict) or part not in value:
+                value = _MISSING
+                break
+            value = value[part]
+        if value is _MISSING:
+            continue
+        if isinstance(value, str):
+            return value.encode()
+        if isinstance(value, bool) or value is None:
+            raise InvalidEvent(
+                f"key field {'.'.join(path)!r} is {json.dumps(value)}; keys must be strings or numbers"
+            )
+        if isinstance(value, int | float):
+            return json.dumps(value).encode()
+        raise InvalidEvent(
+            f"key field {'.'.join(path)!r} is a JSON {_json_type(value)}; keys must be strings or numbers"
+        )
+    names = " or ".join(repr(".".join(path)) for path in paths)
+    raise InvalidEvent(f"event has no key: no field {names}; choose one with --key-field")
+
+
+_MISSING = object()
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array"}.get(type(value), type(value).__name__)
+
+
+def parse_line(line: bytes) -> tuple[dict[str, Any], bytes]:
+    """Parse one JSON line into (event, canonical JSON bytes); raise InvalidEvent.
+
+    The canonical bytes are what is published: orjson's compact encoding. Integers
+    beyond 64 bits, which orjson does not read, are parsed with the standard library
+    and kept exact. NaN and Infinity are rejected, as RFC 8259 JSON has no such values.
+    Lone surrogates (\\ud800 with no pair) are rejected, as they cannot be UTF-8.
+    """
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        event = _parse_fallback(line, exc)
+        if not isinstance(event, dict):
+            raise InvalidEvent(f"a JSON {_json_type(event)}, not an object") from None
+        return event, _dumps_exact(event)
+    if not isinstance(event, dict):
+        raise InvalidEvent(f"a JSON {_json_type(event)}, not an object")
+    return event, orjson.dumps(event)
+
+
+def check_object(value: bytes) -> None:
+    """Raise InvalidEvent unless `value` is the UTF-8 JSON text of an object.
+
+    The rules match `parse_line`, so what the publisher accepts the queue accepts.
+    """
+    try:
+        event = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        event = _parse_fallback(value, exc)
+        _dumps_exact(event)
+    if type(event) is not dict:
+        raise InvalidEvent(f"a JSON {_json_type(event)}, not an object")
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidEvent(f"{name} is not valid JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _parse_fallback(line: bytes, original: Exception) -> Any:
+    """Parse what orjson rejects only for its 64-bit integer limit."""
+    try:
+        text = line.decode()
+        return json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidEvent(f"invalid JSON: {original}") from None
+
+
+def _dumps_exact(event: dict[str, Any]) -> bytes:
+    try:
+        text = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode()
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise InvalidEvent(f"cannot encode the event as UTF-8 JSON: {exc}") from None
+
+
+def open_source(path: str) -> IO[bytes]:
+    """Open a JSON-lines file (gzip when it ends in .gz) or "-" for standard input."""
+    if path == "-":
+        return sys.stdin.buffer
+    file_path = Path(path)
+    if not file_path.is_file():
+        raise FileNotFoundError(f"input file {path!r} not found")
+    if file_path.suffix == ".gz":
+        return io.BufferedReader(gzip.open(file_path, "rb"))  # type: ignore[arg-type]
+    return open(file_path, "rb")  # noqa: SIM115
+
+
+def read_lines(source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, line) for each non-blank line, CRLF or LF terminated."""
+    for number, raw in enumerate(source, start=1):
+        line = raw.rstrip(b"\r\n")
+        if line.strip():
+            yield number, line
+
+
+ACTIONS = ("page_view", "click", "add_to_cart", "purchase", "search", "login", "logout")
+PAGES = ("/", "/products", "/products/42", "/cart", "/checkout", "/search", "/account")
+
+
+class EventGenerator:
+    """Random user actions keyed by user id, about 200 bytes each as JSON."""
+
+    def __init__(self, keys: int = 1000, seed: int | None = None) -> None:
+        if keys < 1:
+            raise ValueError(f"invalid key count {keys}: use 1 or more")
+        self.random = random.Random(seed)
+        self.users = [f"user-{index:06d}" for index in range(keys)]
+        self.sequence = 0
+
+    def next(self) -> tuple[bytes, bytes]:
+        """Return (key, JSON bytes) of a new event."""
+        self.sequence += 1
+        rnd = self.random
+        user = rnd.choice(self.users)
+        event = {
+            "id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
+            "type": rnd.choice(ACTIONS),
+            "user": user,
+            "time": datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds"),
+            "seq": self.sequence,
+            "data": {
+                "page": rnd.choice(PAGES),
+                "duration_ms": rnd.randrange(10, 5000),
+                "amount": round(rnd.random() * 100, 2),
+            },
+        }
+        return user.encode(), orjson.dumps(event)

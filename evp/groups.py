@@ -1,0 +1,329 @@
+"""Consumer groups: which shard owns which partition, and what it may be sent next.
+
+Rules this module keeps:
+
+- Each partition of a group has one cursor: `committed` is the next offset not yet
+  acknowledged, `delivered` the next offset not yet sent. Events in between are in
+  flight at the owner.
+- Only the owner of a partition is sent its events, in offset order.
+- A member never holds more than `max_in_flight` unacknowledged events; a member whose
+  connection is not writable gets nothing until it is (backpressure).
+- When the assignment moves a partition from a live member, the partition is first
+  drained: the old owner gets no more of it, and the new owner gets it only once the
+  old owner has acknowledged everything it was sent. So two members never process the
+  same key at the same time.
+- When a member dies (disconnects, misses heartbeats or is replaced by a new member
+  with the same id), its cursors go back to `committed` and the unacknowledged events
+  are sent again to whoever owns the partition next. They are counted as redelivered.
+
+Assignment is consistent hashing with bounded loads over the member ids (see
+evp.hashing), recomputed on every join and leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from evp import hashing
+from evp.log import CorruptLog
+from evp.storage import Topic
+
+logger = logging.getLogger("evp.groups")
+
+# A DELIVER frame carries at most this many records and about this many bytes. Small
+# enough that one busy partition does not take all of a member's credit at once, large
+# enough that the per-frame cost is spread over many events.
+MAX_RECORDS_PER_DELIVER = 256
+MAX_BYTES_PER_DELIVER = 1024 * 1024
+
+
+class MemberConnection(Protocol):
+    """What a group needs from the connection of one of its members."""
+
+    @property
+    def writable(self) -> bool: ...
+
+    def send_deliver(self, partition: int, count: int, records: bytes) -> None: ...
+
+    def send_assigned(self, partitions: list[int], generation: int, partition_count: int) -> None: ...
+
+    def close(self, reason: str) -> None: ...
+
+
+class Member:
+    def __init__(self, member_id: str, connection: MemberConnection, max_in_flight: int) -> None:
+        self.id = member_id
+        self.connection = connection
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.partitions: list[int] = []
+        self.leaving = False
+        self.notified_leaving = False
+        self.delivered_total = 0
+        self.acked_total = 0
+        self.joined_at = time.monotonic()
+        self.last_seen = self.joined_at
+        self._next_index = 0  # round-robin start in `partitions`
+
+
+class Cursor:
+    __slots__ = ("owner", "next_owner", "moving", "committed", "delivered", "blocked")
+
+    def __init__(self, committed: int) -> None:
+        self.owner: Member | None = None
+        self.next_owner: Member | None = None
+        self.moving = False
+        self.committed = committed
+        self.delivered = committed
+        self.blocked = False
+
+
+class Group:
+    def __init__(self, topic: Topic, name: str, committed: dict[int, int]) -> None:
+        self.topic = topic
+        self.name = name
+        self.cursors = [
+            Cursor(max(committed.get(index, log.start_offset), log.start_offset))
+            for index, log in enumerate(topic.logs)
+        ]
+        self.members: dict[str, Member] = {}
+        self.generation = 0
+        self.dirty = False
+        self.delivered_total = 0
+        self.acked_total = 0
+        self.redelivered_total = 0
+        self.rebalances = 0
+
+    # Membership.
+
+    def join(self, member: Member) -> None:
+        previous = self.members.get(member.id)
+        if previous is not None:
+            logger.warning(
+                "member=%s rejoined group=%s topic=%s; closing its previous connection",
+                member.id,
+                self.name,
+                self.topic.name,
+            )
+            self.remove(previous, reason="replaced by a new connection with the same member id")
+        self.members[member.id] = member
+        logger.info(
+            "member=%s joined group=%s topic=%s max_in_flight=%d",
+            member.id,
+            self.name,
+            self.topic.name,
+            member.max_in_flight,
+        )
+        self.rebalance()
+
+    def leave(self, member: Member) -> None:
+        """Start a graceful leave: no more deliveries, partitions move once acknowledged."""
+        if member.leaving or self.members.get(member.id) is not member:
+            return
+        member.leaving = True
+        logger.info("member=%s is leaving group=%s topic=%s", member.id, self.name, self.topic.name)
+        self.rebalance()
+
+    def remove(self, member: Member, reason: str) -> None:
+        """Drop a member at once; its unacknowledged events go back to the backlog."""
+        if self.members.get(member.id) is not member:
+            return
+        del self.members[member.id]
+        redelivered = 0
+        for cursor in self.cursors:
+            if cursor.owner is member:
+                redelivered += cursor.delivered - cursor.committed
+                cursor.delivered = cursor.committed
+                cursor.owner = None
+                cursor.moving = False
+            if cursor.next_owner is member:
+                cursor.next_owner = None
+                cursor.moving = False
+        self.redelivered_total += redelivered
+        member.in_flight = 0
+        member.partitions = []
+        logger.info(
+            "member=%s left group=%s topic=%s reason=%r unacknowledged=%d",
+            member.id,
+            self.name,
+            self.topic.name,
+            reason,
+            redelivered,
+        )
+        member.connection.close(reason)
+        self.rebalance()
+
+    def rebalance(self) -> None:
+        active = sorted(member_id for member_id, m in self.members.items() if not m.leaving)
+        assignment = hashing.assign(self.topic.partition_count, active)
+        target: dict[int, Member] = {
+            partition: self.members[member_id]
+            for member_id, partitions in assignment.items()
+            for partition in partitions
+        }
+        moved = 0
+        for partition, cursor in enumerate(self.cursors):
+            new_owner = target.get(partition)
+            if cursor.owner is new_owner:
+                cursor.next_owner = None
+                cursor.moving = False
+                continue
+            moved += 1
+            if cursor.owner is None or cursor.delivered == cursor.committed:
+                self._hand_over(cursor, new_owner)
+            else:
+                cursor.next_owner = new_owner
+                cursor.moving = True
+        self.generation += 1
+        self.rebalances += 1
+        logger.info(
+            "rebalanced group=%s topic=%s generation=%d members=%d partitions_moved=%d",
+            self.name,
+            self.topic.name,
+            self.generation,
+            len(active),
+            moved,
+        )
+        self._refresh_partitions()
+        self.dispatch_all()
+
+    def _hand_over(self, cursor: Cursor, new_owner: Member | None) -> None:
+        old = cursor.owner
+        if old is not None:
+            old.in_flight -= cursor.delivered - cursor.committed
+        cursor.delivered = cursor.committed
+        cursor.owner = new_owner
+        cursor.next_owner = None
+        cursor.moving = False
+
+    def _refresh_partitions(self) -> None:
+        owned: dict[str, list[int]] = {member_id: [] for member_id in self.members}
+        for partition, cursor in enumerate(self.cursors):
+            if cursor.owner is not None and not cursor.moving:
+                owned[cursor.owner.id].append(partition)
+        for member_id, partitions in owned.items():
+            member = self.members[member_id]
+            if member.partitions != partitions or (member.leaving and not member.notified_leaving):
+                member.notified_leaving = member.leaving
+                member.partitions = partitions
+                member._next_index = 0
+                member.connection.send_assigned(
+                    partitions, self.generation, self.topic.partition_count
+                )
+
+    # Acknowledgements and delivery.
+
+    def ack(self, member: Member, partition: int, next_offset: int) -> None:
+        if not 0 <= partition < len(self.cursors):
+            logger.warning(
+                "member=%s acknowledged partition %d, which topic=%s does not have",
+                member.id,
+                partition,
+                self.topic.name,
+            )
+            return
+        cursor = self.cursors[partition]
+        if cursor.owner is not member:
+            # An acknowledgement from before a rebalance or a reconnect: the events were
+            # handed to someone else and will be acknowledged there.
+            logger.debug("stale ack member=%s partition=%d", member.id, partition)
+            return
+        if not cursor.committed <= next_offset <= cursor.delivered:
+            logger.warning(
+                "member=%s acknowledged offset %d of partition %d outside its in-flight "
+                "range [%d, %d]; ignoring it",
+                member.id,
+                next_offset,
+                partition,
+                cursor.committed,
+                cursor.delivered,
+            )
+            return
+        count = next_offset - cursor.committed
+        if count == 0:
+            return
+        cursor.committed = next_offset
+        member.in_flight -= count
+        member.acked_total += count
+        self.acked_total += count
+        self.dirty = True
+        if cursor.moving and cursor.committed == cursor.delivered:
+            new_owner = cursor.next_owner
+            self._hand_over(cursor, new_owner)
+            self._refresh_partitions()
+            if new_owner is not None:
+                self.dispatch(new_owner)
+        self.dispatch(member)
+
+    def on_append(self, partition: int) -> None:
+        cursor = self.cursors[partition]
+        owner = cursor.owner
+        if owner is not None and not cursor.moving:
+            self.dispatch(owner)
+
+    def dispatch_all(self) -> None:
+        for member in list(self.members.values()):
+            self.dispatch(member)
+
+    def dispatch(self, member: Member) -> None:
+        """Send `member` events from its partitions while it has credit and room."""
+        if member.leaving or not member.partitions:
+            return
+        connection = member.connection
+        logs = self.topic.logs
+        cursors = self.cursors
+        partitions = member.partitions
+        count_partitions = len(partitions)
+        progress = True
+        while progress:
+            progress = False
+            for step in range(count_partitions):
+                credit = member.max_in_flight - member.in_flight
+                if credit <= 0 or not connection.writable:
+                    return
+                index = (member._next_index + step) % count_partitions
+                partition = partitions[index]
+                cursor = cursors[partition]
+                log = logs[partition]
+                if cursor.blocked:
+                    continue
+                if cursor.delivered < log.start_offset:
+                    cursor.delivered = cursor.committed = log.start_offset
+                available = log.next_offset - cursor.delivered
+                if available <= 0:
+                    continue
+                wanted = min(available, credit, MAX_RECORDS_PER_DELIVER)
+                try:
+                    data, count = log.read(cursor.delivered, wanted, MAX_BYTES_PER_DELIVER)
+                except CorruptLog as exc:
+                    # NOTE: the partition stops here until an operator repairs the
+                    # segment; nothing corrupt is handed out and nothing is skipped.
+                    cursor.blocked = True
+                    logger.error(
+                        "partition %s/%d is blocked at offset %d: %s",
+                        self.topic.name,
+                        partition,
+                        cursor.delivered,
+                        exc,
+                    )
+                    continue
+                connection.send_deliver(partition, count, data)
+                cursor.delivered += count
+                member.in_flight += count
+                member.delivered_total += count
+                self.delivered_total += count
+                progress = True
+            member._next_index = (member._next_index + 1) % count_partitions
+
+    # Introspection.
+
+    def committed_offsets(self) -> dict[int, int]:
+        return {partition: cursor.committed for partition, cursor in enumerate(self.cursors)}
+
+    def lag(self) -> int:
+        return sum(
+            max(0, log.next_offset - cursor.committed)
+            for log, cursor in zip(self.topic.logs, self.cursors, strict=True)
+        )

@@ -1,0 +1,432 @@
+"""`evp process`: a supervisor and its shard worker processes.
+
+The supervisor is a plain loop: it starts N shard processes (multiprocessing, spawn
+start method), waits on their sentinels, restarts one that exits unexpectedly with
+exponential backoff, and on SIGINT or SIGTERM asks every shard to drain and waits for
+them. Each shard has its own uvloop event loop and its own connection to the queue,
+joins the group as member `<node>/shard-<index>`, runs the handler on each event and
+acknowledges what it finished.
+
+No shard outlives the supervisor: each shard asks the kernel for SIGTERM when its
+parent dies (Linux PR_SET_PDEATHSIG), and drains on that signal like on any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import inspect
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from evp import records
+from evp.client import Consumer, ServerError
+
+logger = logging.getLogger("evp.processor")
+
+RESTART_BACKOFF_INITIAL_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+# A shard that ran this long before exiting is restarted without delay again: the
+# backoff is for crash loops, not for a crash after hours of work.
+RESTART_BACKOFF_RESET_S = 30.0
+HANDLER_ATTEMPTS = 3
+STATUS_INTERVAL_S = 1.0
+
+
+class HandlerError(Exception):
+    """The --handler value cannot be loaded."""
+
+
+@dataclass
+class ProcessorConfig:
+    queue: str = "127.0.0.1:8000"
+    shards: int = 8
+    group: str = "default"
+    topic: str = "events"
+    handler: str | None = None
+    output: Path | None = None
+    node: str = field(default_factory=socket.gethostname)
+    max_in_flight: int = 1000
+    drain_timeout_s: float = 30.0
+    token: str | None = None
+    log_level: str = "INFO"
+
+
+def load_handler(spec: str) -> Callable[[Any], Any]:
+    """Import `module:function` (or `path/to/file.py:function`) and return the function."""
+    module_name, separator, attribute = spec.partition(":")
+    if not separator or not module_name or not attribute:
+        raise HandlerError(
+            f"invalid handler {spec!r}: expected MODULE:FUNCTION, e.g. myapp.handlers:enrich"
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name).resolve()
+        if not path.is_file():
+            raise HandlerError(f"handler file {module_name!r} not found")
+        sys.path.insert(0, str(path.parent))
+        module_name = path.stem
+    elif "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerError(f"cannot import handler module {module_name!r}: {exc}") from exc
+    try:
+        function = getattr(module, attribute)
+    except AttributeError:
+        raise HandlerError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(function):
+        raise HandlerError(f"handler {spec!r} is a {type(function).__name__}, not a function")
+    return function
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this process when its parent exits."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:  # not Linux: the parent pipe check below still applies
+        logger.debug("PR_SET_PDEATHSIG is not available")
+
+
+class Shard:
+    """One shard worker: consumes its partitions and runs the handler on each event."""
+
+    def __init__(self, config: ProcessorConfig, index: int, status: Any) -> None:
+        self.config = config
+        self.index = index
+        self.member = f"{config.node}/shard-{index}"
+        self.status = status
+        self.handler = load_handler(config.handler) if config.handler else None
+        self.is_async = self.handler is not None and inspect.iscoroutinefunction(self.handler)
+        self.processed = 0
+        self.emitted = 0
+        self.failed = 0
+        self.output = None
+        if config.output is not None:
+            config.output.mkdir(parents=True, exist_ok=True)
+            self.output = open(config.output / f"shard-{index}.jsonl", "ab")  # noqa: SIM115
+        topic_json = orjson.dumps(config.topic)
+        self._line_prefix = b'{"topic":' + topic_json + b',"shard":' + str(index).encode()
+        self.consumer = Consumer(
+            config.queue,
+            topic=config.topic,
+            group=config.group,
+            member=self.member,
+            process=self.process,
+            max_in_flight=config.max_in_flight,
+            token=config.token,
+        )
+
+    async def process(self, partition: int, batch: list[records.Record]) -> None:
+        lines: list[bytes] = []
+        prefix = self._line_prefix + b',"partition":' + str(partition).encode()
+        for record in batch:
+            if self.handler is None:
+                results: list[bytes] = [record.value]
+            else:
+                results = await self._run_handler(partition, record)
+            if self.output is not None:
+                head = (
+                    prefix
+                    + b',"offset":'
+                    + str(record.offset).encode()
+                    + b',"key":'
+                    + orjson.dumps(record.key.decode())
+                    + b',"event":'
+                )
+                for value in results:
+                    lines.append(head + value + b"}\n")
+            self.emitted += len(results)
+        self.processed += len(batch)
+        if self.output is not None and lines:
+            self.output.write(b"".join(lines))
+            # Written before the acknowledgement goes out, so an acknowledged event is
+            # in the output file even if the shard is killed right after.
+            self.output.flush()
+
+    async def _run_handler(self, partition: int, record: records.Record) -> list[bytes]:
+        assert self.handler is not None
+        event = orjson.loads(record.value)
+        for attempt in range(1, HANDLER_ATTEMPTS + 1):
+            try:
+                result = self.handler(event)
+                if self.is_async or inspect.isawaitable(result):
+                    result = await result
+                break
+            except Exception as exc:  # noqa: BLE001 - any handler failure is retried
+                if attempt == HANDLER_ATTEMPTS:
+                    self.failed += 1
+                    logger.error(
+                        "handler failed %d times on topic=%s partition=%d offset=%d key=%r; "
+                        "skipping the event: %s: %s",
+                        attempt,
+                        self.config.topic,
+                        partition,
+                        record.offset,
+                        record.key.decode(errors="replace"),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return []
+                await asyncio.sleep(0.1 * 2 ** (attempt - 1))
+        if result is None:
+            return []
+        if isinstance(result, list):
+            return [orjson.dumps(item) for item in result]
+        return [orjson.dumps(result)]
+
+    def _report(self) -> None:
+        if self.status is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.status.send(
+                {
+                    "index": self.index,
+                    "pid": os.getpid(),
+                    "member": self.member,
+                    "processed": self.processed,
+                    "emitted": self.emitted,
+                    "failed": self.failed,
+                    "partitions": list(self.consumer.partitions),
+                    "reconnects": self.consumer.reconnects,
+                }
+            )
+
+    async def _report_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            self._report()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        draining = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, draining.set)
+        consume = asyncio.create_task(self.consumer.run())
+        reporter = asyncio.create_task(self._report_periodically())
+        drain_wait = asyncio.create_task(draining.wait())
+        exit_code = 0
+        try:
+            await asyncio.wait({consume, drain_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if draining.is_set() and not consume.done():
+                logger.info("member=%s draining", self.member)
+                if not await self.consumer.leave(self.config.drain_timeout_s):
+                    logger.warning(
+                        "member=%s did not drain within %.0f s; its unacknowledged events "
+                        "go to other members",
+                        self.member,
+                        self.config.drain_timeout_s,
+                    )
+                await consume
+            elif consume.done():
+                consume.result()
+        except ServerError as exc:
+            logger.error("member=%s stopped: %s", self.member, exc)
+            exit_code = 2
+        finally:
+            drain_wait.cancel()
+            reporter.cancel()
+            self._report()
+            if self.output is not None:
+                self.output.close()
+        logger.info("member=%s stopped after processing %d events", self.member, self.processed)
+        return exit_code
+
+
+def shard_main(config: ProcessorConfig, index: int, status: Any, parent_pid: int) -> None:
+    """Entry point of a shard process."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        sys.exit(1)
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s shard-{index} %(name)s: %(message)s",
+    )
+    import uvloop
+
+    try:
+        shard = Shard(config, index, status)
+    except HandlerError as exc:
+        logger.error("%s", exc)
+        sys.exit(3)
+    sys.exit(uvloop.run(shard.run()))
+
+
+@dataclass
+class ShardSlot:
+    index: int
+    process: multiprocessing.process.BaseProcess | None = None
+    status: Any = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = RESTART_BACKOFF_INITIAL_S
+    restart_at: float | None = None
+    last_status: dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, config: ProcessorConfig) -> None:
+        self.config = config
+        self.context = multiprocessing.get_context("spawn")
+        self.slots = [ShardSlot(index) for index in range(config.shards)]
+        self.stopping = False
+
+    def _start(self, slot: ShardSlot) -> None:
+        receiver, sender = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=shard_main,
+            args=(self.config, slot.index, sender, os.getpid()),
+            name=f"evp-shard-{slot.index}",
+            daemon=False,
+        )
+        process.start()
+        sender.close()
+        slot.process = process
+        slot.status = receiver
+        slot.started_at = time.monotonic()
+        slot.restart_at = None
+        logger.info("started shard-%d pid=%d", slot.index, process.pid)
+
+    def _on_exit(self, slot: ShardSlot) -> None:
+        assert slot.process is not None
+        code = slot.process.exitcode
+        self._drain_status(slot)
+        slot.process = None
+        if self.stopping:
+            logger.info("shard-%d stopped exit_code=%s", slot.index, code)
+            return
+        ran_s = time.monotonic() - slot.started_at
+        if ran_s > RESTART_BACKOFF_RESET_S:
+            slot.backoff_s = RESTART_BACKOFF_INITIAL_S
+        if code == 3:
+            logger.error("shard-%d cannot load its handler; not restarting it", slot.index)
+            return
+        slot.restarts += 1
+        slot.restart_at = time.monotonic() + slot.backoff_s
+        logger.warning(
+            "shard-%d exited with code %s after %.1f s; restarting in %.1f s (restart %d)",
+            slot.index,
+            code,
+            ran_s,
+            slot.backoff_s,
+            slot.restarts,
+        )
+        slot.backoff_s = min(slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+
+    def _drain_status(self, slot: ShardSlot) -> None:
+        if slot.status is None:
+            return
+        try:
+            while slot.status.poll():
+                slot.last_status = slot.status.recv()
+        except (EOFError, OSError):
+            slot.status.close()
+            slot.status = None
+
+    def run(self) -> int:
+        def request_stop(signum: int, _frame: Any) -> None:
+            if not self.stopping:
+                logger.info("received %s; draining shards", signal.Signals(signum).name)
+            self.stopping = True
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        logger.info(
+            "processor starting shards=%d group=%s topic=%s queue=%s node=%s",
+            self.config.shards,
+            self.config.group,
+            self.config.topic,
+            self.config.queue,
+            self.config.node,
+        )
+        for slot in self.slots:
+            self._start(slot)
+        while not self.stopping:
+            self._watch(timeout_s=0.2)
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
+                    self._start(slot)
+            if all(slot.process is None and slot.restart_at is None for slot in self.slots):
+                logger.error("every shard has stopped and none will be restarted")
+                return 1
+        self._stop_all()
+        return 0
+
+    def _watch(self, timeout_s: float) -> None:
+        waitables: list[Any] = []
+        for slot in self.slots:
+            if slot.process is not None:
+                waitables.append(slot.process.sentinel)
+            if slot.status is not None:
+                waitables.append(slot.status)
+        if not waitables:
+            time.sleep(timeout_s)
+            return
+        try:
+            multiprocessing.connection.wait(waitables, timeout_s)
+        except InterruptedError:
+            return
+        for slot in self.slots:
+            self._drain_status(slot)
+            if slot.process is not None and not slot.process.is_alive():
+                slot.process.join()
+                self._on_exit(slot)
+
+    def _stop_all(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.drain_timeout_s + 5
+        while any(slot.process is not None for slot in self.slots):
+            if time.monotonic() > deadline:
+                for slot in self.slots:
+                    if slot.process is not None:
+                        logger.warning("shard-%d did not stop; killing pid=%d", slot.index, slot.process.pid)
+                        slot.process.kill()
+                        slot.process.join()
+                        slot.process = None
+                break
+            self._watch(timeout_s=0.2)
+
+    def summary(self) -> list[dict[str, Any]]:
+        rows = []
+        for slot in self.slots:
+            status = slot.last_status
+            rows.append(
+                {
+                    "shard": slot.index,
+                    "member": status.get("member", f"{self.config.node}/shard-{slot.index}"),
+                    "processed": status.get("processed", 0),
+                    "emitted": status.get("emitted", 0),
+                    "failed": status.get("failed", 0),
+                    "restarts": slot.restarts,
+                }
+            )
+        return rows
+
+
+def run(config: ProcessorConfig) -> int:
+    if config.handler:
+        load_handler(config.handler)  # fail fast, in the supervisor, on a bad spec
+    supervisor = Supervisor(config)
+    code = supervisor.run()
+    supervisor.last_summary = supervisor.summary()  # type: ignore[attr-defined]
+    return code

@@ -1,0 +1,165 @@
+"""`evp publish`: send generated events or JSON lines to the queue at a held rate."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from evp import events
+from evp.client import ClientError, Producer
+
+logger = logging.getLogger("evp.publisher")
+
+# The publisher computes how many events are due at most this often; at 100 events/s
+# that is one event per tick, at 100,000 events/s about 100 per batch.
+TICK_S = 0.001
+# Falling this far behind the schedule is reported (once per report interval).
+BEHIND_REPORT_S = 1.0
+ACK_WAIT_S = 30.0
+
+
+@dataclass
+class PublishConfig:
+    queue: str = "127.0.0.1:8000"
+    topic: str = "events"
+    rate: float = 100.0
+    count: int | None = None
+    duration_s: float | None = None
+    file: str | None = None
+    key_field: str | None = None
+    keys: int = 1000
+    token: str | None = None
+    seed: int | None = None
+
+
+@dataclass
+class PublishReport:
+    read: int = 0
+    sent: int = 0
+    acked: int = 0
+    rejected: int = 0
+    invalid_lines: int = 0
+    unacked: int = 0
+    elapsed_s: float = 0.0
+    max_behind_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.unacked == 0 and self.rejected == 0
+
+
+def _generated(config: PublishConfig) -> Iterator[tuple[bytes, bytes]]:
+    generator = events.EventGenerator(config.keys, config.seed)
+    while True:
+        yield generator.next()
+
+
+def _from_file(config: PublishConfig, report: PublishReport) -> Iterator[tuple[bytes, bytes]]:
+    paths = events.key_path(config.key_field)
+    assert config.file is not None
+    source = events.open_source(config.file)
+    name = "stdin" if config.file == "-" else config.file
+    try:
+        for number, line in events.read_lines(source):
+            report.read += 1
+            try:
+                event, value = events.parse_line(line)
+                key = events.extract_key(event, paths)
+            except events.InvalidEvent as exc:
+                report.invalid_lines += 1
+                message = f"{name}:{number}: skipped: {exc}"
+                if len(report.errors) < 1000:
+                    report.errors.append(message)
+                logger.warning("%s", message)
+                continue
+            yield key, value
+    finally:
+        if source is not None and config.file != "-":
+            source.close()
+
+
+async def publish(config: PublishConfig, progress: object | None = None) -> PublishReport:
+    """Publish until the source, --count or --duration ends, then wait for acknowledgements."""
+    report = PublishReport()
+
+    def on_rejected(message: str, count: int) -> None:
+        report.errors.append(f"the queue rejected {count} events: {message}")
+        logger.error("the queue rejected %d events: %s", count, message)
+
+    producer = Producer(config.queue, token=config.token, on_rejected=on_rejected)
+    await producer.start()
+    max_event_bytes = producer.max_event_bytes
+    source = _from_file(config, report) if config.file else _generated(config)
+    if config.count is not None:
+        source = itertools.islice(source, config.count)
+    started = time.monotonic()
+    deadline = started + config.duration_s if config.duration_s else None
+    interval = 1.0 / config.rate if config.rate > 0 else 0.0
+    sent = 0
+    last_behind_report = started
+    try:
+        exhausted = False
+        while not exhausted:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if interval:
+                due = int((now - started) / interval) + 1 - sent
+                if due <= 0:
+                    await asyncio.sleep(min(interval - (now - started - (sent - 1) * interval), TICK_S * 10) if sent else 0)
+                    continue
+            else:
+                due = 1000
+            for _ in range(due):
+                try:
+                    key, value = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if max_event_bytes and len(value) > max_event_bytes:
+                    report.rejected += 1
+                    report.errors.append(
+                        f"event {sent + 1} is {len(value)} bytes, over the queue's limit of "
+                        f"{max_event_bytes} bytes; it was not sent"
+                    )
+                    continue
+                producer.publish(config.topic, key, value)
+                sent += 1
+            if interval:
+                behind_s = (time.monotonic() - started) - sent * interval
+                report.max_behind_s = max(report.max_behind_s, behind_s)
+                if behind_s > BEHIND_REPORT_S and now - last_behind_report > 5:
+                    last_behind_report = now
+                    logger.warning(
+                        "publisher is %.1f s behind its rate of %g events/s (queue or input too slow)",
+                        behind_s,
+                        config.rate,
+                    )
+            await producer.wait_for_capacity()
+            await asyncio.sleep(0)
+        if not await producer.flush(ACK_WAIT_S):
+            logger.error(
+                "%d events were not acknowledged within %.0f s", producer.unacked, ACK_WAIT_S
+            )
+    finally:
+        report.sent = producer.sent
+        report.acked = producer.acked
+        report.rejected += producer.rejected
+        report.unacked = producer.unacked
+        report.elapsed_s = time.monotonic() - started
+        await producer.close()
+    return report
+
+
+def run(config: PublishConfig) -> PublishReport:
+    import uvloop
+
+    try:
+        return uvloop.run(publish(config))
+    except ClientError:
+        raise

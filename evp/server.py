@@ -1,0 +1,626 @@
+"""`evp queue`: the queue server.
+
+One asyncio process on uvloop. Each connection is a thin asyncio.Protocol that feeds
+the wire codec and acts on the frames it yields. Publishers send PUBLISH batches;
+the server checks every event, routes it to its partition by the hash of its key,
+appends it to that partition's log and acknowledges the batch under the fsync
+policy. Consumers JOIN a group and receive DELIVER frames for the partitions the
+group assigns them, acknowledging with ACK.
+
+fsync policies:
+
+- ``always``: a publish is acknowledged after the log files it touched are fsynced.
+  Publishes arriving while one fsync round runs share the next round (group commit).
+- ``batch`` (default): a publish is acknowledged once written to the operating
+  system, so it survives a crash of the queue process; a background task fsyncs
+  every `fsync_interval_ms`, so a power loss or kernel crash loses at most that
+  window of acknowledged events.
+- ``never``: acknowledged once written; the kernel flushes when it chooses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evp import __version__, events, hashing, protocol
+from evp.groups import Group, Member
+from evp.log import OffsetOutOfRange
+from evp.records import MAX_KEY_BYTES
+from evp.storage import Store, StorageError, check_name
+
+logger = logging.getLogger("evp.server")
+
+FSYNC_POLICIES = ("always", "batch", "never")
+
+# Pause reading from a publisher while this many bytes of its acknowledgements wait to
+# be sent, and stop delivering to a consumer while its send buffer is above the high
+# mark. asyncio's own default high-water mark is 64 KiB; a DELIVER frame can be up to
+# 1 MiB, so the marks are set higher to keep a frame or two queued per connection.
+WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
+WRITE_LOW_WATER_BYTES = 1024 * 1024
+
+
+@dataclass
+class QueueConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("evp-data")
+    partitions: int = 64
+    fsync: str = "batch"
+    fsync_interval_ms: int = 200
+    max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
+    max_event_bytes: int = 1024 * 1024
+    max_in_flight: int = 10000
+    heartbeat_interval_ms: int = 1000
+    session_timeout_ms: int = 10000
+    handshake_timeout_s: float = 10.0
+    commit_interval_ms: int = 200
+    segment_bytes: int = 64 * 1024 * 1024
+    token: str | None = None
+    health_interval_s: float = 10.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InvalidEvent(Exception):
+    """An event in a PUBLISH batch that the queue will not store."""
+
+
+class QueueServer:
+    def __init__(self, config: QueueConfig) -> None:
+        if config.fsync not in FSYNC_POLICIES:
+            raise ValueError(
+                f"invalid fsync policy {config.fsync!r}: use one of {', '.join(FSYNC_POLICIES)}"
+            )
+        self.config = config
+        self.store = Store(config.data_dir, config.partitions, segment_bytes=config.segment_bytes)
+        self.groups: dict[tuple[str, str], Group] = {}
+        self.connections: set[ServerConnection] = set()
+        self.started_at = time.time()
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sync_waiters: list[tuple[ServerConnection, int, int]] = []
+        self._sync_wakeup = asyncio.Event()
+        self._stopping = False
+        self.rates = RateTracker()
+        for topic_name, group_name in self.store.saved_groups():
+            if topic_name in self.store.topics:
+                self.group(topic_name, group_name)
+
+    # Groups.
+
+    def group(self, topic_name: str, group_name: str) -> Group:
+        key = (topic_name, group_name)
+        group = self.groups.get(key)
+        if group is None:
+            topic = self.store.topic(topic_name)
+            committed = self.store.load_offsets(topic_name, group_name)
+            group = Group(topic, group_name, committed)
+            self.groups[key] = group
+        return group
+
+    # Publishing.
+
+    def validate(self, entries: list[tuple[bytes, bytes, int]]) -> None:
+        """Raise InvalidEvent naming the first event the queue must not store."""
+        limit = self.config.max_event_bytes
+        check_object = events.check_object
+        for index, (key, value, _) in enumerate(entries):
+            if len(value) > limit:
+                raise InvalidEvent(
+                    f"event {index} is {len(value)} bytes, over the limit of {limit} bytes "
+                    f"(queue option --max-event-bytes)"
+                )
+            if len(key) > MAX_KEY_BYTES:
+                raise InvalidEvent(f"event {index} has a key of {len(key)} bytes; the limit is {MAX_KEY_BYTES}")
+            try:
+                key.decode()
+            except UnicodeDecodeError:
+                raise InvalidEvent(f"event {index} has a key that is not valid UTF-8") from None
+            try:
+                check_object(value)
+            except events.InvalidEvent as exc:
+                raise InvalidEvent(f"event {index} is invalid: {exc}") from None
+
+    def publish(self, frame: protocol.Publish) -> list[Any]:
+        """Validate, route and append one batch. Returns the logs written."""
+        try:
+            check_name("topic", frame.topic)
+        except StorageError as exc:
+            raise InvalidEvent(str(exc)) from None
+        self.validate(frame.entries)
+        topic = self.store.topic(frame.topic)
+        count = topic.partition_count
+        by_partition: dict[int, list[tuple[bytes, bytes, int]]] = {}
+        partition_for = hashing.partition_for
+        for entry in frame.entries:
+            partition = partition_for(entry[0], count)
+            batch = by_partition.get(partition)
+            if batch is None:
+                by_partition[partition] = [entry]
+            else:
+                batch.append(entry)
+        written = []
+        for partition, batch in by_partition.items():
+            log = topic.logs[partition]
+            log.append(batch)
+            written.append(log)
+        topic.events_in += len(frame.entries)
+        for (topic_name, _), group in self.groups.items():
+            if topic_name == frame.topic:
+                for partition in by_partition:
+                    group.on_append(partition)
+        return written
+
+    def request_sync(self, connection: ServerConnection, seq: int, count: int) -> None:
+        self._sync_waiters.append((connection, seq, count))
+        self._sync_wakeup.set()
+
+    async def _group_commit(self) -> None:
+        """Under `--fsync always`, fsync dirty logs and then acknowledge the waiters."""
+        while True:
+            await self._sync_wakeup.wait()
+            self._sync_wakeup.clear()
+            waiters, self._sync_waiters = self._sync_waiters, []
+            await asyncio.to_thread(self._sync_dirty)
+            for connection, seq, count in waiters:
+                connection.send(protocol.encode(protocol.Published(seq, count)))
+
+    def _dirty_logs(self) -> list[Any]:
+        return [log for topic in self.store.topics.values() for log in topic.logs if log.dirty]
+
+    def _sync_dirty(self, logs: list[Any] | None = None) -> None:
+        for log in logs if logs is not None else self._dirty_logs():
+            log.sync()
+
+    async def _periodic_sync(self) -> None:
+        interval = self.config.fsync_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            dirty = self._dirty_logs()
+            if dirty:
+                try:
+                    await asyncio.to_thread(self._sync_dirty, dirty)
+                except OSError as exc:
+                    logger.error("periodic fsync failed: %s", exc)
+
+    async def _save_offsets(self) -> None:
+        interval = self.config.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self._save_dirty_groups()
+
+    async def _save_dirty_groups(self) -> None:
+        for (topic_name, group_name), group in list(self.groups.items()):
+            if not group.dirty:
+                continue
+            group.dirty = False
+            offsets = group.committed_offsets()
+            try:
+                await asyncio.to_thread(self.store.save_offsets, topic_name, group_name, offsets)
+            except OSError as exc:
+                group.dirty = True
+                logger.error(
+                    "saving positions of group=%s topic=%s failed: %s", group_name, topic_name, exc
+                )
+
+    async def _reap_members(self) -> None:
+        """Declare dead every member that has sent nothing for the session timeout."""
+        timeout_s = self.config.session_timeout_ms / 1000
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            now = time.monotonic()
+            for group in list(self.groups.values()):
+                for member in list(group.members.values()):
+                    silent_s = now - member.last_seen
+                    if silent_s > timeout_s:
+                        logger.warning(
+                            "member=%s of group=%s sent nothing for %.1f s (session timeout "
+                            "%.1f s); declaring it dead",
+                            member.id,
+                            group.name,
+                            silent_s,
+                            timeout_s,
+                        )
+                        group.remove(member, reason="session timeout")
+
+    async def _health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            snapshot = self.snapshot()
+            lag = sum(group["lag"] for group in snapshot["groups"])
+            logger.info(
+                "health connections=%d topics=%d events_stored=%d groups=%d lag=%d",
+                len(self.connections),
+                len(snapshot["topics"]),
+                sum(topic["events"] for topic in snapshot["topics"]),
+                len(snapshot["groups"]),
+                lag,
+            )
+
+    # Statistics.
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the statistics snapshot that `evp stats` shows; docs/stats.md lists the fields."""
+        topics = []
+        for name, topic in sorted(self.store.topics.items()):
+            topics.append(
+                {
+                    "name": name,
+                    "partitions": topic.partition_count,
+                    "events": topic.stored_events(),
+                    "bytes": topic.size_bytes(),
+                    "events_in": topic.events_in,
+                    "events_in_per_s": self.rates.rate(("in", name), topic.events_in),
+                }
+            )
+        groups = []
+        for (topic_name, group_name), group in sorted(self.groups.items()):
+            members = []
+            for member in sorted(group.members.values(), key=lambda m: m.id):
+                members.append(
+                    {
+                        "id": member.id,
+                        "partitions": list(member.partitions),
+                        "in_flight": member.in_flight,
+                        "max_in_flight": member.max_in_flight,
+                        "delivered": member.delivered_total,
+                        "acked": member.acked_total,
+                        "acked_per_s": self.rates.rate(
+                            ("member", topic_name, group_name, member.id), member.acked_total
+                        ),
+                        "leaving": member.leaving,
+                        "last_seen_s": round(time.monotonic() - member.last_seen, 3),
+                    }
+                )
+            groups.append(
+                {
+                    "topic": topic_name,
+                    "group": group_name,
+                    "members": members,
+                    "generation": group.generation,
+                    "lag": group.lag(),
+                    "delivered": group.delivered_total,
+                    "acked": group.acked_total,
+                    "acked_per_s": self.rates.rate(
+                        ("acked", topic_name, group_name), group.acked_total
+                    ),
+                    "redelivered": group.redelivered_total,
+                    "rebalances": group.rebalances,
+                    "committed": [cursor.committed for cursor in group.cursors],
+                }
+            )
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "time": time.time(),
+            "connections": len(self.connections),
+            "topics": topics,
+            "groups": groups,
+        }
+
+    # Lifecycle.
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self), self.config.host, self.config.port, reuse_address=True
+        )
+        port = self._server.sockets[0].getsockname()[1]
+        self.config.port = port
+        if self.config.fsync == "always":
+            self._tasks.append(asyncio.create_task(self._group_commit()))
+        elif self.config.fsync == "batch":
+            self._tasks.append(asyncio.create_task(self._periodic_sync()))
+        self._tasks.append(asyncio.create_task(self._save_offsets()))
+        self._tasks.append(asyncio.create_task(self._reap_members()))
+        self._tasks.append(asyncio.create_task(self._health()))
+        logger.info(
+            "queue listening on %s:%d data_dir=%s partitions=%d fsync=%s version=%s",
+            self.config.host,
+            port,
+            self.config.data_dir,
+            self.config.partitions,
+            self.config.fsync,
+            __version__,
+        )
+        if self.config.host not in ("127.0.0.1", "localhost", "::1") and not self.config.token:
+            logger.warning(
+                "listening on %s without a token: any host that reaches this port can "
+                "publish and consume; set --token or EVP_TOKEN",
+                self.config.host,
+            )
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        logger.info("queue stopping")
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.close("queue shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for group in self.groups.values():
+            group.dirty = True
+        await self._save_dirty_groups()
+        self._sync_dirty([log for topic in self.store.topics.values() for log in topic.logs])
+        self.store.close()
+        logger.info("queue stopped")
+
+
+class RateTracker:
+    """Per-second rates of monotonic counters, sampled when a snapshot is taken.
+
+    Each counter keeps the rate measured over its last sampling interval of at least one
+    second, so the hot paths only increment plain integers.
+    """
+
+    def __init__(self) -> None:
+        self._samples: dict[Any, tuple[float, int, float]] = {}
+
+    def rate(self, key: Any, total: int) -> float:
+        now = time.monotonic()
+        sample = self._samples.get(key)
+        if sample is None:
+            self._samples[key] = (now, total, 0.0)
+            return 0.0
+        sampled_at, sampled_total, rate = sample
+        if now - sampled_at >= 1.0:
+            rate = round((total - sampled_total) / (now - sampled_at), 1)
+            self._samples[key] = (now, total, rate)
+        return rate
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection: feeds the codec, acts on frames, owns flow control."""
+
+    def __init__(self, server: QueueServer) -> None:
+        self.server = server
+        self.decoder = protocol.Decoder(server.config.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.ready = False  # handshake done
+        self.member: Member | None = None
+        self.group: Group | None = None
+        self.closed = False
+        self._paused_writing = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol callbacks.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.server.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(
+            self.server.config.handshake_timeout_s, self._handshake_timed_out
+        )
+        logger.debug("connection from %s", self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.member is not None:
+            self.member.last_seen = time.monotonic()
+        try:
+            frames = self.decoder.feed(data)
+            for frame in frames:
+                self.handle(frame)
+                if self.closed:
+                    return
+        except protocol.ProtocolError as exc:
+            logger.warning("protocol error from %s: %s", self.peer, exc)
+            self.send_error(exc.code, str(exc))
+            self.close(f"protocol error: {exc}")
+        except Exception as exc:
+            # A bug in the queue, not bad input: this connection ends, the others and
+            # the log are unaffected.
+            logger.exception("internal error while serving %s", self.peer)
+            self.send_error("internal_error", f"internal error in the queue: {type(exc).__name__}")
+            self.close("internal error")
+
+    def eof_received(self) -> bool:
+        try:
+            self.decoder.close()
+        except protocol.TruncatedFrame as exc:
+            logger.warning("connection from %s: %s", self.peer, exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self.member is not None and self.group is not None:
+            self.group.remove(self.member, reason="connection closed")
+        logger.debug("connection from %s closed", self.peer)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.member is not None and self.group is not None:
+            self.group.dispatch(self.member)
+
+    # MemberConnection.
+
+    @property
+    def writable(self) -> bool:
+        return not self._paused_writing and not self.closed
+
+    def send(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def send_deliver(self, partition: int, count: int, records: bytes) -> None:
+        self.send(protocol.encode_deliver(partition, count, records))
+
+    def send_assigned(self, partitions: list[int], generation: int, partition_count: int) -> None:
+        self.send(protocol.encode(protocol.Assigned(partitions, generation, partition_count)))
+
+    def send_error(self, code: str, message: str, seq: int | None = None, fatal: bool = True) -> None:
+        self.send(protocol.encode(protocol.Error(code, message, seq, fatal)))
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        logger.debug("closing connection from %s: %s", self.peer, reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    # Frames.
+
+    def _handshake_timed_out(self) -> None:
+        if not self.ready and not self.closed:
+            logger.warning(
+                "connection from %s sent no HELLO within %.1f s; closing it",
+                self.peer,
+                self.server.config.handshake_timeout_s,
+            )
+            self.send_error("handshake_timeout", "no HELLO received in time")
+            self.close("handshake timeout")
+
+    def handle(self, frame: protocol.Frame) -> None:
+        if not self.ready:
+            self._handshake(frame)
+            return
+        match frame:
+            case protocol.Publish():
+                self._publish(frame)
+            case protocol.Ack(positions):
+                if self.member is None or self.group is None:
+                    raise protocol.ProtocolError("ACK before JOIN")
+                for partition, next_offset in positions:
+                    self.group.ack(self.member, partition, next_offset)
+            case protocol.Ping(nonce):
+                self.send(protocol.encode(protocol.Pong(nonce)))
+            case protocol.Join():
+                self._join(frame)
+            case protocol.Leave():
+                if self.member is not None and self.group is not None:
+                    self.group.leave(self.member)
+            case protocol.StatsRequest():
+                self.send(protocol.encode(protocol.Stats(self.server.snapshot())))
+            case protocol.Hello():
+                raise protocol.ProtocolError("HELLO sent twice on one connection")
+            case _:
+                raise protocol.ProtocolError(
+                    f"a client may not send {type(frame).__name__.upper()} frames"
+                )
+
+    def _handshake(self, frame: protocol.Frame) -> None:
+        if not isinstance(frame, protocol.Hello):
+            raise protocol.ProtocolError(
+                f"the first frame must be HELLO, got {type(frame).__name__.upper()}"
+            )
+        config = self.server.config
+        if frame.protocol != protocol.PROTOCOL_VERSION:
+            self.send_error(
+                "unsupported_version",
+                f"protocol version {frame.protocol} is not supported; this queue speaks "
+                f"version {protocol.PROTOCOL_VERSION}",
+            )
+            self.close("unsupported protocol version")
+            return
+        if config.token is not None:
+            offered = (frame.token or "").encode()
+            if not hmac.compare_digest(offered, config.token.encode()):
+                logger.warning("authentication failed for %s", self.peer)
+                self.send_error(
+                    "authentication_failed",
+                    "missing or wrong token; pass the queue's token with --token or EVP_TOKEN",
+                )
+                self.close("authentication failed")
+                return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.ready = True
+        welcome = protocol.Welcome(
+            server=f"evp/{__version__}",
+            max_frame_bytes=config.max_frame_bytes,
+            max_event_bytes=config.max_event_bytes,
+            heartbeat_interval_ms=config.heartbeat_interval_ms,
+            session_timeout_ms=config.session_timeout_ms,
+        )
+        self.send(protocol.encode(welcome))
+        logger.debug("handshake with %s client=%s", self.peer, frame.client)
+
+    def _publish(self, frame: protocol.Publish) -> None:
+        server = self.server
+        try:
+            server.publish(frame)
+        except InvalidEvent as exc:
+            self.send_error("invalid_event", str(exc), seq=frame.seq, fatal=False)
+            return
+        except OSError as exc:
+            logger.error("appending to topic=%s failed: %s", frame.topic, exc)
+            self.send_error(
+                "storage_error",
+                f"the queue could not write the batch: {os.strerror(exc.errno or 0)}; "
+                f"it was not acknowledged, retry later",
+                seq=frame.seq,
+                fatal=False,
+            )
+            return
+        except OffsetOutOfRange as exc:  # pragma: no cover - a bug, not an input error
+            logger.exception("offset out of range while publishing: %s", exc)
+            raise
+        if server.config.fsync == "always":
+            server.request_sync(self, frame.seq, len(frame.entries))
+        else:
+            self.send(protocol.encode(protocol.Published(frame.seq, len(frame.entries))))
+
+    def _join(self, frame: protocol.Join) -> None:
+        if self.member is not None:
+            raise protocol.ProtocolError("JOIN sent twice on one connection")
+        try:
+            check_name("topic", frame.topic)
+            check_name("group", frame.group)
+        except StorageError as exc:
+            self.send_error("invalid_name", str(exc))
+            self.close("invalid name in JOIN")
+            return
+        if not frame.member or len(frame.member) > 200:
+            self.send_error("invalid_member", f"invalid member id {frame.member!r}: use 1 to 200 characters")
+            self.close("invalid member id")
+            return
+        max_in_flight = min(max(1, frame.max_in_flight), self.server.config.max_in_flight)
+        group = self.server.group(frame.topic, frame.group)
+        self.member = Member(frame.member, self, max_in_flight)
+        self.group = group
+        group.join(self.member)
+
+
+async def serve(config: QueueConfig) -> None:
+    """Run the queue until SIGINT or SIGTERM."""
+    server = QueueServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def run(config: QueueConfig) -> None:
+    import uvloop
+
+    uvloop.run(serve(config))

@@ -1,0 +1,191 @@
+"""The queue's data directory: topics, their partition logs and group positions.
+
+Layout::
+
+    <data-dir>/
+      topics/<topic>/topic.json          {"partitions": 64, "created_at": "..."}
+      topics/<topic>/<partition>/        one PartitionLog per partition, named 00000..
+      groups/<topic>/<group>.json        {"offsets": {"<partition>": next_offset, ...}}
+
+A topic's partition count is fixed when the topic is created, because changing it
+would move keys between partitions and break per-key order.
+
+Group positions are written atomically (temporary file, fsync, rename, fsync of the
+directory) at most every `commit_interval_s` and at shutdown. After a crash a group
+restarts from its last written positions, so events acknowledged after that write are
+delivered again: that is the at-least-once contract, and the duplicates are bounded by
+what the group acknowledged in one interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from evp.log import PartitionLog
+
+logger = logging.getLogger("evp.storage")
+
+# Names become directory names, so they keep to a portable set of characters.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+MAX_PARTITIONS = 4096
+
+
+class StorageError(Exception):
+    """A problem with the data directory or a name that cannot be stored."""
+
+
+def check_name(kind: str, name: str) -> str:
+    """Raise StorageError unless `name` is a valid topic or group name."""
+    if not NAME_PATTERN.match(name):
+        raise StorageError(
+            f"invalid {kind} name {name!r}: use 1 to 200 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit"
+        )
+    return name
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class Topic:
+    def __init__(
+        self, name: str, directory: Path, partitions: int, segment_bytes: int, tail_bytes: int
+    ) -> None:
+        self.name = name
+        self.directory = directory
+        self.logs = [
+            PartitionLog(
+                directory / f"{index:05d}",
+                segment_bytes=segment_bytes,
+                tail_bytes=tail_bytes,
+                name=f"{name}/{index}",
+            )
+            for index in range(partitions)
+        ]
+        self.events_in = 0
+        self.bytes_in = 0
+
+    @property
+    def partition_count(self) -> int:
+        return len(self.logs)
+
+    def stored_events(self) -> int:
+        return sum(log.next_offset - log.start_offset for log in self.logs)
+
+    def size_bytes(self) -> int:
+        return sum(log.size_bytes for log in self.logs)
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+
+
+class Store:
+    """All topics and group positions under one data directory."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        default_partitions: int,
+        segment_bytes: int = 64 * 1024 * 1024,
+        tail_bytes: int = 256 * 1024,
+    ) -> None:
+        if not 1 <= default_partitions <= MAX_PARTITIONS:
+            raise StorageError(
+                f"invalid partition count {default_partitions}: use 1 to {MAX_PARTITIONS}"
+            )
+        self.data_dir = data_dir
+        self.default_partitions = default_partitions
+        self.segment_bytes = segment_bytes
+        self.tail_bytes = tail_bytes
+        self.topics: dict[str, Topic] = {}
+        try:
+            (data_dir / "topics").mkdir(parents=True, exist_ok=True)
+            (data_dir / "groups").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create data directory {data_dir}: {exc}") from exc
+        self._open_existing()
+
+    def _open_existing(self) -> None:
+        for entry in sorted((self.data_dir / "topics").iterdir()):
+            meta = entry / "topic.json"
+            if not meta.is_file():
+                logger.warning("ignoring %s: it has no topic.json", entry)
+                continue
+            try:
+                partitions = int(orjson.loads(meta.read_bytes())["partitions"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise StorageError(f"cannot read {meta}: {exc}") from exc
+            self.topics[entry.name] = Topic(
+                entry.name, entry, partitions, self.segment_bytes, self.tail_bytes
+            )
+            logger.info(
+                "opened topic=%s partitions=%d events=%d",
+                entry.name,
+                partitions,
+                self.topics[entry.name].stored_events(),
+            )
+
+    def topic(self, name: str) -> Topic:
+        """Return the topic, creating it with the default partition count if new."""
+        topic = self.topics.get(name)
+        if topic is not None:
+            return topic
+        check_name("topic", name)
+        directory = self.data_dir / "topics" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "partitions": self.default_partitions,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_atomic(directory / "topic.json", orjson.dumps(meta))
+        topic = Topic(name, directory, self.default_partitions, self.segment_bytes, self.tail_bytes)
+        self.topics[name] = topic
+        logger.info("created topic=%s partitions=%d", name, self.default_partitions)
+        return topic
+
+    def load_offsets(self, topic: str, group: str) -> dict[int, int]:
+        path = self.data_dir / "groups" / topic / f"{group}.json"
+        if not path.exists():
+            return {}
+        try:
+            raw = orjson.loads(path.read_bytes())["offsets"]
+            return {int(partition): int(offset) for partition, offset in raw.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StorageError(f"cannot read group positions {path}: {exc}") from exc
+
+    def saved_groups(self) -> list[tuple[str, str]]:
+        """List (topic, group) pairs that have positions on disk."""
+        pairs = []
+        for topic_dir in sorted((self.data_dir / "groups").iterdir()):
+            for path in sorted(topic_dir.glob("*.json")):
+                pairs.append((topic_dir.name, path.stem))
+        return pairs
+
+    def save_offsets(self, topic: str, group: str, offsets: dict[int, int]) -> None:
+        directory = self.data_dir / "groups" / topic
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"offsets": {str(partition): offset for partition, offset in offsets.items()}}
+        write_atomic(directory / f"{group}.json", orjson.dumps(payload))
+
+    def close(self) -> None:
+        for topic in self.topics.values():
+            topic.close()
