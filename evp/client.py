@@ -369,8 +369,10 @@ class Consumer:
         process: ProcessBatch,
         max_in_flight: int = 1000,
         token: str | None = None,
+        report: Callable[[], protocol.Report] | None = None,
     ) -> None:
         self.address = address
+        self.report = report
         self.topic = topic
         self.group = group
         self.member = member
@@ -469,6 +471,8 @@ class Consumer:
             await asyncio.sleep(self._heartbeat_ms / 1000)
             nonce += 1
             connection.send(protocol.encode(protocol.Ping(nonce)))
+            if self.report is not None:
+                connection.send(protocol.encode(self.report()))
 
     async def _work(self) -> None:
         pending_acks: dict[int, int] = {}

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from evp import hashing
 from evp.log import CorruptLog
+from evp.metrics import LatencyHistogram
 from evp.storage import Topic
 
 logger = logging.getLogger("evp.groups")
@@ -63,6 +64,11 @@ class Member:
         self.notified_leaving = False
         self.delivered_total = 0
         self.acked_total = 0
+        # Counters the shard reports about itself (REPORT frames).
+        self.processed = 0
+        self.failed = 0
+        self.pid = 0
+        self.latency = LatencyHistogram()
         self.joined_at = time.monotonic()
         self.last_seen = self.joined_at
         self._next_index = 0  # round-robin start in `partitions`
@@ -230,10 +236,15 @@ class Group:
             # handed to someone else and will be acknowledged there.
             logger.debug("stale ack member=%s partition=%d", member.id, partition)
             return
-        if not cursor.committed <= next_offset <= cursor.delivered:
+        if next_offset < cursor.committed:
+            # Already acknowledged, e.g. sent again on a new connection after the
+            # events were redelivered; nothing to do.
+            logger.debug("duplicate ack member=%s partition=%d", member.id, partition)
+            return
+        if next_offset > cursor.delivered:
             logger.warning(
-                "member=%s acknowledged offset %d of partition %d outside its in-flight "
-                "range [%d, %d]; ignoring it",
+                "member=%s acknowledged offset %d of partition %d beyond what it was "
+                "sent (committed %d, delivered %d); ignoring it",
                 member.id,
                 next_offset,
                 partition,

@@ -33,8 +33,9 @@ from typing import Any
 
 import orjson
 
-from evp import records
+from evp import protocol, records
 from evp.client import Consumer, ServerError
+from evp.metrics import LatencyHistogram
 
 logger = logging.getLogger("evp.processor")
 
@@ -131,7 +132,9 @@ class Shard:
             process=self.process,
             max_in_flight=config.max_in_flight,
             token=config.token,
+            report=self._queue_report,
         )
+        self.latency = LatencyHistogram()
 
     async def process(self, partition: int, batch: list[records.Record]) -> None:
         lines: list[bytes] = []
@@ -159,6 +162,18 @@ class Shard:
             # Written before the acknowledgement goes out, so an acknowledged event is
             # in the output file even if the shard is killed right after.
             self.output.flush()
+        # Latency from publish to the end of processing. The publisher's clock sets the
+        # timestamp, so across machines the figure includes their clock offset.
+        now_us = time.time_ns() // 1000
+        self.latency.record_many([now_us - record.timestamp_us for record in batch])
+
+    def _queue_report(self) -> protocol.Report:
+        return protocol.Report(
+            processed=self.processed,
+            failed=self.failed,
+            pid=os.getpid(),
+            latency=self.latency.to_dict(),
+        )
 
     async def _run_handler(self, partition: int, record: records.Record) -> list[bytes]:
         assert self.handler is not None

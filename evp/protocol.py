@@ -60,6 +60,7 @@ class FrameType(enum.IntEnum):
     DELIVER = 0x22
     ACK = 0x23
     LEAVE = 0x24
+    REPORT = 0x25
     STATS_REQUEST = 0x30
     STATS = 0x31
 
@@ -175,6 +176,17 @@ class Leave:
 
 
 @dataclass(slots=True)
+class Report:
+    """A shard's own counters, sent periodically so the queue can show them."""
+
+    processed: int = 0
+    failed: int = 0
+    pid: int = 0
+    # Latency from publish to processing: evp.metrics.LatencyHistogram.to_dict().
+    latency: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class StatsRequest:
     pass
 
@@ -186,7 +198,7 @@ class Stats:
 
 Frame = (
     Hello | Welcome | Error | Ping | Pong | Publish | Published | Join | Assigned | Deliver
-    | Ack | Leave | StatsRequest | Stats
+    | Ack | Leave | Report | StatsRequest | Stats
 )
 
 
@@ -248,6 +260,8 @@ def encode(frame: Frame) -> bytes:
             return _json(FrameType.JOIN, _fields(frame))
         case Assigned():
             return _json(FrameType.ASSIGNED, _fields(frame))
+        case Report():
+            return _json(FrameType.REPORT, _fields(frame))
         case Leave():
             return _frame(FrameType.LEAVE, b"")
         case StatsRequest():
@@ -316,6 +330,10 @@ _CONTROL_FIELDS: dict[FrameType, tuple[type, dict[str, type]]] = {
     FrameType.JOIN: (
         Join,
         {"topic": str, "group": str, "member": str, "max_in_flight": int},
+    ),
+    FrameType.REPORT: (
+        Report,
+        {"processed": int, "failed": int, "pid": int, "latency": dict},
     ),
     FrameType.ASSIGNED: (
         Assigned,

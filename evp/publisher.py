@@ -17,6 +17,9 @@ logger = logging.getLogger("evp.publisher")
 # The publisher computes how many events are due at most this often; at 100 events/s
 # that is one event per tick, at 100,000 events/s about 100 per batch.
 TICK_S = 0.001
+# Events generated between two yields to the event loop, so acknowledgements are read
+# while a fast or unlimited publish runs.
+MAX_EVENTS_PER_STEP = 1000
 # Falling this far behind the schedule is reported (once per report interval).
 BEHIND_REPORT_S = 1.0
 ACK_WAIT_S = 30.0
@@ -99,7 +102,6 @@ async def publish(config: PublishConfig, progress: object | None = None) -> Publ
         source = itertools.islice(source, config.count)
     started = time.monotonic()
     deadline = started + config.duration_s if config.duration_s else None
-    interval = 1.0 / config.rate if config.rate > 0 else 0.0
     sent = 0
     last_behind_report = started
     try:
@@ -108,13 +110,16 @@ async def publish(config: PublishConfig, progress: object | None = None) -> Publ
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
-            if interval:
-                due = int((now - started) / interval) + 1 - sent
+            if config.rate > 0:
+                due = int((now - started) * config.rate) + 1 - sent
                 if due <= 0:
-                    await asyncio.sleep(min(interval - (now - started - (sent - 1) * interval), TICK_S * 10) if sent else 0)
+                    # Sleep until the next event is due, but at least one tick, so that
+                    # events due within a tick share a batch.
+                    await asyncio.sleep(max(TICK_S, sent / config.rate - (now - started)))
                     continue
+                due = min(due, MAX_EVENTS_PER_STEP)
             else:
-                due = 1000
+                due = MAX_EVENTS_PER_STEP
             for _ in range(due):
                 try:
                     key, value = next(source)
@@ -124,14 +129,14 @@ async def publish(config: PublishConfig, progress: object | None = None) -> Publ
                 if max_event_bytes and len(value) > max_event_bytes:
                     report.rejected += 1
                     report.errors.append(
-                        f"event {sent + 1} is {len(value)} bytes, over the queue's limit of "
-                        f"{max_event_bytes} bytes; it was not sent"
+                        f"event {report.read or sent + 1} is {len(value)} bytes, over the "
+                        f"queue's limit of {max_event_bytes} bytes; it was not sent"
                     )
                     continue
                 producer.publish(config.topic, key, value)
                 sent += 1
-            if interval:
-                behind_s = (time.monotonic() - started) - sent * interval
+            if config.rate > 0:
+                behind_s = (time.monotonic() - started) - sent / config.rate
                 report.max_behind_s = max(report.max_behind_s, behind_s)
                 if behind_s > BEHIND_REPORT_S and now - last_behind_report > 5:
                     last_behind_report = now

@@ -33,6 +33,7 @@ from typing import Any
 from evp import __version__, events, hashing, protocol
 from evp.groups import Group, Member
 from evp.log import OffsetOutOfRange
+from evp.metrics import LatencyHistogram
 from evp.records import MAX_KEY_BYTES
 from evp.storage import Store, StorageError, check_name
 
@@ -129,8 +130,8 @@ class QueueServer:
             except events.InvalidEvent as exc:
                 raise InvalidEvent(f"event {index} is invalid: {exc}") from None
 
-    def publish(self, frame: protocol.Publish) -> list[Any]:
-        """Validate, route and append one batch. Returns the logs written."""
+    def publish(self, frame: protocol.Publish) -> list[int]:
+        """Validate, route and append one batch. Returns the partitions written."""
         try:
             check_name("topic", frame.topic)
         except StorageError as exc:
@@ -147,16 +148,21 @@ class QueueServer:
                 by_partition[partition] = [entry]
             else:
                 batch.append(entry)
-        written = []
-        for partition, batch in by_partition.items():
-            log = topic.logs[partition]
-            log.append(batch)
-            written.append(log)
-        topic.events_in += len(frame.entries)
-        for (topic_name, _), group in self.groups.items():
-            if topic_name == frame.topic:
-                for partition in by_partition:
-                    group.on_append(partition)
+        written: list[int] = []
+        # NOTE: when the disk fails part-way, the partitions before the failure keep
+        # their events while the batch is reported as not stored, so the publisher's
+        # retry stores those events twice.
+        try:
+            for partition, batch in by_partition.items():
+                topic.logs[partition].append(batch)
+                written.append(partition)
+                topic.events_in += len(batch)
+        finally:
+            # Partitions appended before a failure hold events too: dispatch them.
+            for (topic_name, _), group in self.groups.items():
+                if topic_name == frame.topic:
+                    for partition in written:
+                        group.on_append(partition)
         return written
 
     def request_sync(self, connection: ServerConnection, seq: int, count: int) -> None:
@@ -264,10 +270,16 @@ class QueueServer:
         groups = []
         for (topic_name, group_name), group in sorted(self.groups.items()):
             members = []
+            group_latency = LatencyHistogram()
             for member in sorted(group.members.values(), key=lambda m: m.id):
+                group_latency.merge(member.latency)
                 members.append(
                     {
                         "id": member.id,
+                        "pid": member.pid,
+                        "processed": member.processed,
+                        "failed": member.failed,
+                        "latency": member.latency.summary_ms(),
                         "partitions": list(member.partitions),
                         "in_flight": member.in_flight,
                         "max_in_flight": member.max_in_flight,
@@ -294,6 +306,7 @@ class QueueServer:
                     ),
                     "redelivered": group.redelivered_total,
                     "rebalances": group.rebalances,
+                    "latency": group_latency.summary_ms(),
                     "committed": [cursor.committed for cursor in group.cursors],
                 }
             )
@@ -511,6 +524,16 @@ class ServerConnection(asyncio.Protocol):
                 self.send(protocol.encode(protocol.Pong(nonce)))
             case protocol.Join():
                 self._join(frame)
+            case protocol.Report():
+                if self.member is None:
+                    raise protocol.ProtocolError("REPORT before JOIN")
+                try:
+                    self.member.latency = LatencyHistogram.from_dict(frame.latency)
+                except ValueError as exc:
+                    raise protocol.MalformedFrame(f"REPORT latency histogram: {exc}") from None
+                self.member.processed = frame.processed
+                self.member.failed = frame.failed
+                self.member.pid = frame.pid
             case protocol.Leave():
                 if self.member is not None and self.group is not None:
                     self.group.leave(self.member)

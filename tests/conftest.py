@@ -1,0 +1,132 @@
+"""Fixtures that run real evp processes on 127.0.0.1 with temporary data directories."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+WIKITICKER = SHARED_DATA / "wikiticker-2015-09-12.jsonl.gz"
+GHARCHIVE = SHARED_DATA / "gharchive-2021-07-21.jsonl"
+
+
+def require_data(path: Path) -> Path:
+    """Skip the calling test when a real data file is absent."""
+    if not path.exists():
+        pytest.skip(f"real data file {path} is absent; it is expected in ../shared/data/")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with code {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on port {port} within {timeout_s} s")
+
+
+def evp_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "evp", *args]
+
+
+class Evp:
+    """Starts evp processes for one test and stops every one of them afterwards."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._logs: list[Any] = []
+
+    def start(self, *args: str, log_name: str | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+        name = log_name or f"{args[0]}-{len(self.processes)}"
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
+        self._logs.append(log)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(
+            evp_command(*args), stdout=log, stderr=subprocess.STDOUT, env=env, **kwargs
+        )
+        self.processes.append(process)
+        return process
+
+    def queue(
+        self, data_dir: Path | None = None, port: int | None = None, *extra: str
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start `evp queue` and wait until it listens; return it and its address."""
+        port = port or free_port()
+        data_dir = data_dir or self.workdir / "data"
+        process = self.start(
+            "queue", "--port", str(port), "--data-dir", str(data_dir), *extra, log_name="queue"
+        )
+        wait_for_port(port, process)
+        return process, f"127.0.0.1:{port}"
+
+    def run(self, *args: str, timeout_s: float = 120.0, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            evp_command(*args), capture_output=True, timeout=timeout_s, input=input
+        )
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in self._logs:
+            log.close()
+
+
+@pytest.fixture
+def evp(tmp_path: Path) -> Iterator[Evp]:
+    runner = Evp(tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.stop_all()
+
+
+def snapshot(address: str) -> dict[str, Any]:
+    """Fetch one statistics snapshot from a running queue."""
+    from evp.stats import fetch_snapshot
+
+    return asyncio.run(fetch_snapshot(address))
+
+
+def wait_until(predicate: Any, timeout_s: float = 60.0, interval_s: float = 0.2, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(message or f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
