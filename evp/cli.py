@@ -93,6 +93,7 @@ def queue(
     max_frame_bytes: Annotated[int, typer.Option(envvar="EVP_MAX_FRAME_BYTES", min=1024, help="Largest wire frame accepted, in bytes.")] = 16 * 1024 * 1024,
     max_in_flight: Annotated[int, typer.Option(envvar="EVP_MAX_IN_FLIGHT", min=1, help="Upper bound on unacknowledged events per shard, in events.")] = 10000,
     session_timeout_ms: Annotated[int, typer.Option(envvar="EVP_SESSION_TIMEOUT_MS", min=100, help="A shard silent this long is declared dead, in milliseconds.")] = 10000,
+    handshake_timeout: Annotated[float, typer.Option(envvar="EVP_HANDSHAKE_TIMEOUT", min=0.1, help="A connection that sends no HELLO within this many seconds is closed.")] = 10.0,
     segment_bytes: Annotated[int, typer.Option(envvar="EVP_SEGMENT_BYTES", min=4096, help="Size at which a partition starts a new log segment, in bytes.")] = 64 * 1024 * 1024,
     token: Token = None,
     log_level: LogLevel = "INFO",
@@ -118,6 +119,7 @@ def queue(
         max_frame_bytes=max_frame_bytes,
         max_in_flight=max_in_flight,
         session_timeout_ms=session_timeout_ms,
+        handshake_timeout_s=handshake_timeout,
         segment_bytes=segment_bytes,
         token=token,
     )
@@ -238,9 +240,9 @@ def publish(
 @app.command()
 def stats(
     queue: QueueAddress = "127.0.0.1:8000",
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of the live view.")] = False,
-    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
-    plain: Annotated[bool, typer.Option("--plain", help="Print one plain line per interval (the default when stdout is not a terminal).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", envvar="EVP_STATS_JSON", help="Print JSON lines instead of the live view.")] = False,
+    once: Annotated[bool, typer.Option("--once", envvar="EVP_STATS_ONCE", help="Print one snapshot and exit.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", envvar="EVP_STATS_PLAIN", help="Print one plain line per interval (the default when stdout is not a terminal).")] = False,
     interval: Annotated[float, typer.Option(envvar="EVP_STATS_INTERVAL", min=0.1, help="Seconds between refreshes.")] = 1.0,
     token: Token = None,
 ) -> None:
@@ -272,7 +274,7 @@ def demo(
     count: Annotated[int, typer.Option(envvar="EVP_COUNT", min=1, help="Events to publish.")] = 20000,
     rate: Annotated[float, typer.Option(envvar="EVP_RATE", min=0, help="Events per second; 0 for as fast as possible.")] = 5000.0,
     partitions: Annotated[int, typer.Option(envvar="EVP_PARTITIONS", min=1, max=4096, help="Partitions of the demo topic.")] = 64,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary directory with the data, logs and outputs.")] = False,
+    keep: Annotated[bool, typer.Option("--keep", envvar="EVP_DEMO_KEEP", help="Keep the temporary directory with the data, logs and outputs.")] = False,
 ) -> None:
     """Run a queue, shards and a publisher together on a temporary directory, then check the result."""
     from evp import demo as demo_run

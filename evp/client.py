@@ -68,6 +68,9 @@ class FrameConnection(asyncio.Protocol):
             return
         for frame in frames:
             self.on_frame(frame)
+        if self.decoder.error is not None:
+            logger.error("protocol error from the queue: %s", self.decoder.error)
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writable.set()
@@ -207,6 +210,9 @@ class Producer:
     async def _connect(self) -> None:
         connection, welcome = await connect(self.address, self._on_frame, token=self.token)
         self.max_event_bytes = welcome.max_event_bytes
+        # A batch must fit in one frame under the queue's limit, with room for the
+        # frame and batch headers.
+        self.max_batch_bytes = min(self.max_batch_bytes, welcome.max_frame_bytes - 1024)
         self._connection = connection
         self._connected.set()
         for batch in self._unacked.values():

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+
+
+# 19 digits or more may not fit in a signed or unsigned 64-bit integer.
+LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 class InvalidEvent(Exception):
@@ -78,6 +83,12 @@ def parse_line(line: bytes) -> tuple[dict[str, Any], bytes]:
     and kept exact. NaN and Infinity are rejected, as RFC 8259 JSON has no such values.
     Lone surrogates (\\ud800 with no pair) are rejected, as they cannot be UTF-8.
     """
+    if LONG_NUMBER.search(line):
+        # orjson reads integers beyond 64 bits as floats, which would change them.
+        event = _parse_fallback(line, None)
+        if not isinstance(event, dict):
+            raise InvalidEvent(f"a JSON {_json_type(event)}, not an object")
+        return event, _dumps_exact(event)
     try:
         event = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -99,7 +110,10 @@ def check_object(value: bytes) -> None:
         event = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         event = _parse_fallback(value, exc)
-        _dumps_exact(event)
+        try:
+            _dumps_exact(event)
+        except RecursionError:
+            raise InvalidEvent("invalid JSON: nested too deeply") from None
     if type(event) is not dict:
         raise InvalidEvent(f"a JSON {_json_type(event)}, not an object")
 
@@ -108,13 +122,15 @@ def _reject_constant(name: str) -> Any:
     raise InvalidEvent(f"{name} is not valid JSON (RFC 8259 has no NaN or Infinity)")
 
 
-def _parse_fallback(line: bytes, original: Exception) -> Any:
-    """Parse what orjson rejects only for its 64-bit integer limit."""
+def _parse_fallback(line: bytes, original: Exception | None) -> Any:
+    """Parse with the standard library, which keeps integers of any size exact."""
     try:
         text = line.decode()
         return json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidEvent(f"invalid JSON: {original}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent(f"invalid JSON: {original or exc}") from None
+    except RecursionError:
+        raise InvalidEvent("invalid JSON: nested too deeply") from None
 
 
 def _dumps_exact(event: dict[str, Any]) -> bytes:

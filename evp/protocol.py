@@ -23,6 +23,7 @@ docs/protocol.md describes every frame field by field.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass, field
@@ -291,23 +292,36 @@ def _parse_json(frame_type: FrameType, payload: bytes) -> dict[str, Any]:
 
 
 def _build(cls: type, frame_type: FrameType, obj: dict[str, Any], types: dict[str, type]) -> Any:
-    """Build a control frame from JSON, checking each field's type."""
+    """Build a control frame from JSON, checking each field's presence and type.
+
+    A field without a default is required and may not be null; a field whose default
+    is None may be null; unknown fields are ignored, so later versions can add some.
+    """
     kwargs = {}
-    for name, expected in types.items():
+    missing = []
+    for spec in dataclasses.fields(cls):
+        name = spec.name
+        required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
         if name not in obj:
+            if required:
+                missing.append(name)
             continue
         value = obj[name]
-        if value is not None and not isinstance(value, expected):
+        expected = types[name]
+        if value is None:
+            if spec.default is not None:
+                raise MalformedFrame(
+                    f"{frame_type.name} field {name!r} must be {expected.__name__}, got null"
+                )
+        elif not isinstance(value, expected) or (expected is int and type(value) is bool):
             raise MalformedFrame(
                 f"{frame_type.name} field {name!r} must be {expected.__name__}, "
                 f"got {type(value).__name__}"
             )
         kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        missing = [name for name in types if name not in obj]
-        raise MalformedFrame(f"{frame_type.name} is missing fields {missing}") from None
+    if missing:
+        raise MalformedFrame(f"{frame_type.name} is missing fields {missing}")
+    return cls(**kwargs)
 
 
 _CONTROL_FIELDS: dict[FrameType, tuple[type, dict[str, type]]] = {
@@ -457,7 +471,7 @@ def parse(frame_type: int, payload: bytes) -> Frame:
         return Stats(obj)
     cls, types = _CONTROL_FIELDS[kind]
     frame = _build(cls, kind, obj, types)
-    if kind is FrameType.ASSIGNED and not all(isinstance(p, int) for p in frame.partitions):
+    if kind is FrameType.ASSIGNED and not all(type(p) is int for p in frame.partitions):
         raise MalformedFrame("ASSIGNED field 'partitions' must be a list of integers")
     return frame
 
@@ -473,15 +487,43 @@ class Decoder:
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
+        self._error: ProtocolError | None = None
 
     @property
     def buffered_bytes(self) -> int:
         return len(self._buffer)
 
+    @property
+    def error(self) -> ProtocolError | None:
+        """The error found after the frames the last `feed` returned, if any."""
+        return self._error
+
     def feed(self, data: bytes) -> list[Frame]:
+        """Return the frames completed by `data`.
+
+        When the stream turns invalid after some valid frames, those frames are
+        returned first and the error is raised by the next call (and kept in `error`),
+        so a peer's last valid frames are not lost to its first invalid one.
+        """
+        if self._error is not None:
+            raise self._error
         buffer = self._buffer
         buffer += data
         frames: list[Frame] = []
+        position = 0
+        try:
+            position = self._split(buffer, frames)
+        except ProtocolError as exc:
+            self._error = exc
+            buffer.clear()
+            if not frames:
+                raise
+            return frames
+        if position:
+            del buffer[:position]
+        return frames
+
+    def _split(self, buffer: bytearray, frames: list[Frame]) -> int:
         position = 0
         available = len(buffer)
         while available - position >= 4:
@@ -499,9 +541,7 @@ class Decoder:
             payload = bytes(buffer[position + 5 : end])
             frames.append(parse(frame_type, payload))
             position = end
-        if position:
-            del buffer[:position]
-        return frames
+        return position
 
     def close(self) -> None:
         """Declare the end of the stream; raise TruncatedFrame if bytes are left over."""

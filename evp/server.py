@@ -434,6 +434,8 @@ class ServerConnection(asyncio.Protocol):
                 self.handle(frame)
                 if self.closed:
                     return
+            if self.decoder.error is not None:
+                raise self.decoder.error
         except protocol.ProtocolError as exc:
             logger.warning("protocol error from %s: %s", self.peer, exc)
             self.send_error(exc.code, str(exc))

@@ -32,7 +32,7 @@ from evp.log import PartitionLog
 logger = logging.getLogger("evp.storage")
 
 # Names become directory names, so they keep to a portable set of characters.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 MAX_PARTITIONS = 4096
 
 
@@ -42,7 +42,7 @@ class StorageError(Exception):
 
 def check_name(kind: str, name: str) -> str:
     """Raise StorageError unless `name` is a valid topic or group name."""
-    if not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise StorageError(
             f"invalid {kind} name {name!r}: use 1 to 200 letters, digits, '.', '_' or '-', "
             f"starting with a letter or digit"
