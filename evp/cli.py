@@ -7,6 +7,7 @@ variable) and calls the role's `run`. Nothing here holds logic of its own.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -74,6 +75,16 @@ def main_callback(
     ] = False,
 ) -> None:
     """evp: a durable event queue with key-ordered, sharded processing."""
+
+
+def _check_output_dir(path: Path) -> None:
+    """Create the --output directory, or raise ValueError saying why it is unusable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot use --output {str(path)!r}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"cannot use --output {str(path)!r}: the directory is not writable")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -157,6 +168,8 @@ def process(
         check_name("group", group)
         if handler:
             processor.load_handler(handler)
+        if output is not None:
+            _check_output_dir(output)
     except (ValueError, StorageError, processor.HandlerError) as exc:
         _fail(str(exc))
     config = processor.ProcessorConfig(
@@ -200,8 +213,11 @@ def publish(
         parse_address(queue)
         check_name("topic", topic)
         events.key_path(key_field)
-        if file is not None and file != "-" and not Path(file).is_file():
-            raise ValueError(f"input file {file!r} not found")
+        if file is not None and file != "-":
+            if Path(file).is_dir():
+                raise ValueError(f"input file {file!r} is a directory; give a JSON-lines file")
+            if not Path(file).is_file():
+                raise ValueError(f"input file {file!r} not found")
     except (ValueError, StorageError) as exc:
         _fail(str(exc))
     config = publisher.PublishConfig(
@@ -218,7 +234,7 @@ def publish(
     if file is None and count is None and duration is None:
         typer.echo("publishing generated events until Ctrl-C (set --count or --duration to stop)", err=True)
     try:
-        report = publisher.run(config)
+        report = publisher.run(config, on_invalid_line=lambda message: typer.echo(message, err=True))
     except ClientError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -233,6 +249,12 @@ def publish(
     if not report.ok:
         _fail(
             f"{report.unacked} events were not acknowledged and {report.rejected} were rejected",
+            code=1,
+        )
+    if report.invalid_lines:
+        _fail(
+            f"{report.invalid_lines} invalid input lines were skipped (listed above); "
+            f"the other {report.acked} events were acknowledged",
             code=1,
         )
 

@@ -46,6 +46,8 @@ RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 30.0
 HANDLER_ATTEMPTS = 3
 STATUS_INTERVAL_S = 1.0
+# Exit code of a shard that cannot start (bad handler, unusable output directory).
+STARTUP_FAILED = 3
 
 
 class HandlerError(Exception):
@@ -86,6 +88,11 @@ def load_handler(spec: str) -> Callable[[Any], Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerError(f"cannot import handler module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any error while the user's module runs
+        raise HandlerError(
+            f"handler module {module_name!r} failed while importing: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     try:
         function = getattr(module, attribute)
     except AttributeError:
@@ -277,9 +284,10 @@ def shard_main(config: ProcessorConfig, index: int, status: Any, parent_pid: int
 
     try:
         shard = Shard(config, index, status)
-    except HandlerError as exc:
-        logger.error("%s", exc)
-        sys.exit(3)
+    except (HandlerError, OSError) as exc:
+        # A failure that a restart cannot fix: the supervisor does not restart on 3.
+        logger.error("shard-%d cannot start: %s", index, exc)
+        sys.exit(STARTUP_FAILED)
     sys.exit(uvloop.run(shard.run()))
 
 
@@ -329,8 +337,8 @@ class Supervisor:
         ran_s = time.monotonic() - slot.started_at
         if ran_s > RESTART_BACKOFF_RESET_S:
             slot.backoff_s = RESTART_BACKOFF_INITIAL_S
-        if code == 3:
-            logger.error("shard-%d cannot load its handler; not restarting it", slot.index)
+        if code == STARTUP_FAILED:
+            logger.error("shard-%d cannot start (see its error above); not restarting it", slot.index)
             return
         slot.restarts += 1
         slot.restart_at = time.monotonic() + slot.backoff_s

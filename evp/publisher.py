@@ -6,11 +6,11 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from evp import events
-from evp.client import ClientError, Producer
+from evp.client import Producer
 
 logger = logging.getLogger("evp.publisher")
 
@@ -62,7 +62,11 @@ def _generated(config: PublishConfig) -> Iterator[tuple[bytes, bytes]]:
         yield generator.next()
 
 
-def _from_file(config: PublishConfig, report: PublishReport) -> Iterator[tuple[bytes, bytes]]:
+def _from_file(
+    config: PublishConfig,
+    report: PublishReport,
+    on_invalid_line: Callable[[str], None] | None,
+) -> Iterator[tuple[bytes, bytes]]:
     paths = events.key_path(config.key_field)
     assert config.file is not None
     source = events.open_source(config.file)
@@ -78,7 +82,10 @@ def _from_file(config: PublishConfig, report: PublishReport) -> Iterator[tuple[b
                 message = f"{name}:{number}: skipped: {exc}"
                 if len(report.errors) < 1000:
                     report.errors.append(message)
-                logger.warning("%s", message)
+                if on_invalid_line is not None:
+                    on_invalid_line(message)
+                else:
+                    logger.warning("%s", message)
                 continue
             yield key, value
     finally:
@@ -86,7 +93,9 @@ def _from_file(config: PublishConfig, report: PublishReport) -> Iterator[tuple[b
             source.close()
 
 
-async def publish(config: PublishConfig, progress: object | None = None) -> PublishReport:
+async def publish(
+    config: PublishConfig, on_invalid_line: Callable[[str], None] | None = None
+) -> PublishReport:
     """Publish until the source, --count or --duration ends, then wait for acknowledgements."""
     report = PublishReport()
 
@@ -97,7 +106,7 @@ async def publish(config: PublishConfig, progress: object | None = None) -> Publ
     producer = Producer(config.queue, token=config.token, on_rejected=on_rejected)
     await producer.start()
     max_event_bytes = producer.max_event_bytes
-    source = _from_file(config, report) if config.file else _generated(config)
+    source = _from_file(config, report, on_invalid_line) if config.file else _generated(config)
     if config.count is not None:
         source = itertools.islice(source, config.count)
     started = time.monotonic()
@@ -161,10 +170,9 @@ async def publish(config: PublishConfig, progress: object | None = None) -> Publ
     return report
 
 
-def run(config: PublishConfig) -> PublishReport:
+def run(
+    config: PublishConfig, on_invalid_line: Callable[[str], None] | None = None
+) -> PublishReport:
     import uvloop
 
-    try:
-        return uvloop.run(publish(config))
-    except ClientError:
-        raise
+    return uvloop.run(publish(config, on_invalid_line))

@@ -1,0 +1,35 @@
+"""Handler functions that the tests pass to `evp process --handler tests/handlers.py:NAME`.
+
+Each runs inside a shard process, so it may only depend on the event it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+# The processing delay of `slow`. 20 ms per event keeps a shard busy long enough for a
+# test to find events in flight, and short enough that a few hundred events pass in
+# seconds.
+SLOW_DELAY_S = 0.02
+
+
+def github(event: dict[str, Any]) -> Any:
+    """Drop WatchEvent, fan a PushEvent out to one result per commit, tag the rest.
+
+    A PushEvent without commits yields an empty list, so nothing is written for it.
+    """
+    if event["type"] == "WatchEvent":
+        return None
+    if event["type"] == "PushEvent":
+        return [
+            {"repo": event["repo"]["name"], "event_id": event["id"], "sha": commit["sha"]}
+            for commit in event["payload"].get("commits", [])
+        ]
+    return dict(event, handled_by="tests.handlers.github")
+
+
+async def slow(event: dict[str, Any]) -> dict[str, Any]:
+    """Return the event unchanged after SLOW_DELAY_S, without blocking the event loop."""
+    await asyncio.sleep(SLOW_DELAY_S)
+    return event

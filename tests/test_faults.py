@@ -1,0 +1,500 @@
+"""Fault injection against real evp processes: kill -9, torn log tails, drains.
+
+Most tests check the at-least-once contract from the outside: each event that the
+queue acknowledged ends up in some shard's output file, whatever was killed on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+from conftest import evp_command, snapshot, wait_until
+
+from evp import protocol
+from evp.client import connect
+
+START_TIMEOUT_S = 60.0
+CATCH_UP_TIMEOUT_S = 120.0
+HANDLERS = Path(__file__).with_name("handlers.py")
+
+
+# Helpers.
+
+
+def write_events(path: Path, count: int, prefix: str, users: int = 40) -> list[str]:
+    """Write `count` JSON lines with unique ids and the key field `user`, and return the ids."""
+    ids = [f"{prefix}-{number:05d}" for number in range(count)]
+    with path.open("wb") as file:
+        for number, event_id in enumerate(ids):
+            event = {"id": event_id, "user": f"user-{number % users}", "pad": "x" * 64}
+            file.write(orjson.dumps(event) + b"\n")
+    return ids
+
+
+def publish_file(evp: Any, address: str, path: Path) -> None:
+    result = evp.run(
+        "publish", "--queue", address, "--file", str(path), "--key-field", "user", "--rate", "0"
+    )
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def output_ids(*directories: Path) -> list[str]:
+    """Return the `id` of every row in the shard output files, duplicates included."""
+    ids = []
+    for directory in directories:
+        for path in sorted(directory.glob("shard-*.jsonl")):
+            with path.open("rb") as file:
+                ids.extend(orjson.loads(line)["event"]["id"] for line in file)
+    return ids
+
+
+def group_snapshot(address: str) -> dict[str, Any] | None:
+    groups = snapshot(address)["groups"]
+    return groups[0] if groups else None
+
+
+def start_processor(
+    evp: Any, address: str, output: Path, shards: int, node: str, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Start `evp process` and wait until its shards are members of the group."""
+    process = evp.start(
+        "process",
+        "--queue", address,
+        "--shards", str(shards),
+        "--output", str(output),
+        "--node", node,
+        *extra,
+        log_name=f"process-{node}",
+    )
+
+    def joined() -> bool:
+        assert process.poll() is None, evp.log(f"process-{node}")
+        group = group_snapshot(address)
+        if group is None:
+            return False
+        ours = [member for member in group["members"] if member["id"].startswith(f"{node}/")]
+        return len(ours) == shards
+
+    wait_until(joined, START_TIMEOUT_S, message=f"the {shards} shards of {node} did not join")
+    return process
+
+
+def wait_for_lag_zero(address: str) -> dict[str, Any]:
+    def caught_up() -> dict[str, Any] | None:
+        group = group_snapshot(address)
+        return group if group is not None and group["lag"] == 0 else None
+
+    return wait_until(caught_up, CATCH_UP_TIMEOUT_S, message="the group did not reach lag 0")
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=timeout_s)
+
+
+def shard_pids(log: str) -> dict[int, list[int]]:
+    """Map each shard index to the pids the supervisor logged for it, oldest first."""
+    pids: dict[int, list[int]] = {}
+    for index, pid in re.findall(r"started shard-(\d+) pid=(\d+)", log):
+        pids.setdefault(int(index), []).append(int(pid))
+    return pids
+
+
+# Durability across kill -9 of the queue.
+
+# Batches of this many events, and this many batches unacknowledged at once, so that a
+# kill always lands while some batches are written but not yet acknowledged.
+BATCH_EVENTS = 100
+WINDOW_BATCHES = 20
+KILL_AFTER_ACKED = 4000
+
+
+class RecordingPublisher:
+    """A raw protocol client that records which event ids the queue acknowledged."""
+
+    def __init__(self, address: str, prefix: str) -> None:
+        self.address = address
+        self.prefix = prefix
+        self.acked_ids: set[str] = set()
+        self.pending: dict[int, list[str]] = {}
+        self.errors: list[protocol.Error] = []
+        self.miscounted_seqs: list[int] = []
+        self.unacked_at_kill = 0
+
+    def on_frame(self, frame: protocol.Frame) -> None:
+        if isinstance(frame, protocol.Published):
+            # An assert here would only reach the event loop's exception handler.
+            ids = self.pending.pop(frame.seq, [])
+            if frame.count != len(ids):
+                self.miscounted_seqs.append(frame.seq)
+            self.acked_ids.update(ids)
+        elif isinstance(frame, protocol.Error):
+            self.errors.append(frame)
+
+    def batch(self, seq: int) -> tuple[list[str], bytes]:
+        ids = [f"{self.prefix}-{seq:05d}-{index:03d}" for index in range(BATCH_EVENTS)]
+        timestamp_us = time.time_ns() // 1000
+        entries = []
+        for index, event_id in enumerate(ids):
+            value = orjson.dumps({"id": event_id, "pad": "y" * 64})
+            entries.append((f"key-{index % 50}".encode(), value, timestamp_us))
+        return ids, protocol.encode_publish(seq, "events", entries)
+
+    async def run_until_killed(self, queue_pid: int, timeout_s: float = 60.0) -> None:
+        """Publish, kill -9 the queue once KILL_AFTER_ACKED events are acknowledged and
+        half the window is unacknowledged, then keep sending until the connection drops."""
+        connection, _ = await connect(self.address, self.on_frame)
+        deadline = time.monotonic() + timeout_s
+        seq = 0
+        killed = False
+        while not connection.is_closed:
+            assert time.monotonic() < deadline, "the connection did not close after the kill"
+            enough_acked = len(self.acked_ids) >= KILL_AFTER_ACKED
+            if not killed and enough_acked and len(self.pending) >= WINDOW_BATCHES // 2:
+                self.unacked_at_kill = len(self.pending)
+                os.kill(queue_pid, signal.SIGKILL)
+                killed = True
+            if len(self.pending) >= WINDOW_BATCHES:
+                await asyncio.sleep(0.001)
+                continue
+            seq += 1
+            ids, frame = self.batch(seq)
+            self.pending[seq] = ids
+            connection.send(frame)
+            await asyncio.sleep(0)
+        connection.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("fsync", "kills"), [("batch", 2), ("always", 1)])
+def test_acknowledged_survive_kill(evp, tmp_path, fsync, kills):
+    data_dir = tmp_path / "data"
+    port = None
+    acked: set[str] = set()
+    for round_number in range(kills):
+        queue, address = evp.queue(data_dir, port, "--fsync", fsync)
+        port = int(address.rsplit(":", 1)[1])
+        client = RecordingPublisher(address, f"round{round_number}")
+        asyncio.run(client.run_until_killed(queue.pid))
+        assert queue.wait(timeout=10) == -signal.SIGKILL
+        assert client.errors == []
+        assert client.miscounted_seqs == []
+        assert len(client.acked_ids) >= KILL_AFTER_ACKED
+        assert client.unacked_at_kill > 0
+        acked |= client.acked_ids
+
+    _, address = evp.queue(data_dir, port, "--fsync", fsync)
+    stored = sum(topic["events"] for topic in snapshot(address)["topics"])
+    assert stored >= len(acked)
+    output = tmp_path / "out"
+    start_processor(evp, address, output, 2, "durable")
+    wait_for_lag_zero(address)
+    missing = acked - set(output_ids(output))
+    assert sorted(missing)[:10] == []
+
+
+# Torn tail of the active segment.
+
+RECORD_PREFIX = struct.Struct(">II")  # crc, length of the rest
+RECORD_BODY = struct.Struct(">QQH")  # offset, timestamp, key length
+
+
+def last_record(segment: Path) -> tuple[int, int, bytes]:
+    """Return (start byte, size in bytes, value) of the last record in a segment file."""
+    data = segment.read_bytes()
+    position = 0
+    start = size = 0
+    while position < len(data):
+        _, length = RECORD_PREFIX.unpack_from(data, position)
+        start, size = position, RECORD_PREFIX.size + length
+        position += size
+    assert position == len(data), f"{segment} does not end on a record boundary"
+    body = data[start + RECORD_PREFIX.size : start + size]
+    _, _, key_bytes = RECORD_BODY.unpack_from(body)
+    return start, size, body[RECORD_BODY.size + key_bytes :]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cut", ["header", "body"])
+def test_torn_tail_recovered(evp, tmp_path, cut):
+    data_dir = tmp_path / "data"
+    ids = write_events(tmp_path / "input.jsonl", 200, "torn")
+    queue, address = evp.queue(data_dir, None, "--partitions", "4")
+    port = int(address.rsplit(":", 1)[1])
+    publish_file(evp, address, tmp_path / "input.jsonl")
+    assert stop(queue) == 0
+
+    partition_dirs = sorted((data_dir / "topics" / "events").glob("[0-9]" * 5))
+    assert len(partition_dirs) == 4
+    segment = sorted(partition_dirs[0].glob("*.log"))[-1]
+    assert re.fullmatch(r"\d{20}\.log", segment.name)
+    start, size, value = last_record(segment)
+    torn_id = orjson.loads(value)["id"]
+    # A record header is 26 bytes, so keeping 10 bytes tears the header and keeping half
+    # of the record tears its body.
+    keep_bytes = 10 if cut == "header" else size // 2
+    with segment.open("r+b") as file:
+        file.truncate(start + keep_bytes)
+
+    _, address = evp.queue(data_dir, port, "--partitions", "4")
+    warnings = [line for line in evp.log("queue").splitlines() if "WARNING" in line]
+    assert any(str(segment) in line for line in warnings), warnings
+    stored = sum(topic["events"] for topic in snapshot(address)["topics"])
+    assert stored == len(ids) - 1
+
+    output = tmp_path / "out"
+    start_processor(evp, address, output, 2, "torn")
+    wait_for_lag_zero(address)
+    processed = set(output_ids(output))
+    assert processed == set(ids) - {torn_id}
+
+
+# Queue restarts while clients are connected.
+
+
+@pytest.mark.timeout(120)
+def test_queue_killed_during_processing(evp, tmp_path):
+    ids = write_events(tmp_path / "input.jsonl", 400, "restart")
+    data_dir = tmp_path / "data"
+    queue, address = evp.queue(data_dir)
+    port = int(address.rsplit(":", 1)[1])
+    output = tmp_path / "out"
+    processor = start_processor(
+        evp, address, output, 2, "restart", "--handler", f"{HANDLERS}:slow",
+        "--max-in-flight", "50",
+    )
+    publish_file(evp, address, tmp_path / "input.jsonl")
+
+    def quarter_done() -> bool:
+        return group_snapshot(address)["acked"] >= len(ids) // 4
+
+    message = "the shards acknowledged under a quarter of the events"
+    wait_until(quarter_done, 60, interval_s=0.05, message=message)
+    os.kill(queue.pid, signal.SIGKILL)
+    assert queue.wait(timeout=10) == -signal.SIGKILL
+    evp.queue(data_dir, port)
+
+    wait_until(
+        lambda: (group_snapshot(address) or {"members": []})["members"],
+        START_TIMEOUT_S,
+        message="the shards did not rejoin after the queue restarted",
+    )
+    wait_for_lag_zero(address)
+    assert set(ids) - set(output_ids(output)) == set()
+    assert processor.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_publish_survives_queue_restart(evp, tmp_path):
+    count = 20_000
+    ids = write_events(tmp_path / "input.jsonl", count, "republish")
+    data_dir = tmp_path / "data"
+    queue, address = evp.queue(data_dir)
+    port = int(address.rsplit(":", 1)[1])
+    publisher = subprocess.Popen(
+        [
+            *evp_command("publish"),
+            "--queue", address,
+            "--file", str(tmp_path / "input.jsonl"),
+            "--key-field", "user",
+            "--rate", "5000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        def some_stored() -> bool:
+            return sum(topic["events"] for topic in snapshot(address)["topics"]) > count // 10
+
+        message = "the queue stored under a tenth of the events"
+        wait_until(some_stored, 30, interval_s=0.05, message=message)
+        os.kill(queue.pid, signal.SIGKILL)
+        assert queue.wait(timeout=10) == -signal.SIGKILL
+        time.sleep(0.5)
+        evp.queue(data_dir, port)
+        _, stderr_bytes = publisher.communicate(timeout=90)
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+            publisher.wait()
+    stderr = stderr_bytes.decode()
+    assert publisher.returncode == 0, stderr
+    assert f"acknowledged={count} " in stderr
+
+    output = tmp_path / "out"
+    start_processor(evp, address, output, 2, "republish")
+    wait_for_lag_zero(address)
+    assert set(ids) - set(output_ids(output)) == set()
+
+
+# Shard crashes and shutdowns.
+
+
+@pytest.mark.timeout(120)
+def test_killed_shard_redelivered(evp, tmp_path):
+    ids = write_events(tmp_path / "input.jsonl", 400, "redeliver")
+    _, address = evp.queue(tmp_path / "data")
+    output = tmp_path / "out"
+    handler = f"{HANDLERS}:slow"
+    processor = start_processor(
+        evp, address, output, 2, "redeliver", "--handler", handler, "--max-in-flight", "50"
+    )
+    publish_file(evp, address, tmp_path / "input.jsonl")
+
+    def busy_member() -> str | None:
+        group = group_snapshot(address)
+        busy = [member["id"] for member in group["members"] if member["in_flight"] > 0]
+        return busy[0] if busy else None
+
+    member = wait_until(busy_member, 30, interval_s=0.05, message="no shard had events in flight")
+    index = int(member.rsplit("shard-", 1)[1])
+    pid = shard_pids(evp.log("process-redeliver"))[index][-1]
+    children = {child.pid for child in psutil.Process(processor.pid).children()}
+    assert pid in children
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        return len(shard_pids(evp.log("process-redeliver")).get(index, [])) == 2
+
+    wait_until(restarted, 30, message=f"shard-{index} was not restarted")
+    group = wait_for_lag_zero(address)
+    assert group["redelivered"] > 0
+    assert set(ids) - set(output_ids(output)) == set()
+    assert processor.poll() is None
+
+
+DRAIN_TIMEOUT_S = 15.0
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_drains_processor(evp, tmp_path):
+    ids = write_events(tmp_path / "input.jsonl", 600, "drain")
+    _, address = evp.queue(tmp_path / "data")
+    first_output = tmp_path / "out-first"
+    processor = start_processor(
+        evp,
+        address,
+        first_output,
+        2,
+        "first",
+        "--handler", f"{HANDLERS}:slow",
+        "--max-in-flight", "50",
+        "--drain-timeout", str(DRAIN_TIMEOUT_S),
+    )
+    publish_file(evp, address, tmp_path / "input.jsonl")
+
+    def flowing() -> bool:
+        group = group_snapshot(address)
+        return group["acked"] > 0 and group["lag"] > 0
+
+    wait_until(flowing, 30, interval_s=0.05, message="events did not start flowing")
+    processor.send_signal(signal.SIGTERM)
+    assert processor.wait(timeout=DRAIN_TIMEOUT_S) == 0
+    log = evp.log("process-first")
+    assert "did not drain" not in log
+    assert "killing pid" not in log
+
+    group = group_snapshot(address)
+    assert group["members"] == []
+    assert group["lag"] > 0
+    second_output = tmp_path / "out-second"
+    start_processor(evp, address, second_output, 2, "second")
+    wait_for_lag_zero(address)
+    assert set(ids) - set(output_ids(first_output, second_output)) == set()
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(60)
+def test_no_orphan_shards(evp, tmp_path):
+    _, address = evp.queue(tmp_path / "data")
+    processor = start_processor(evp, address, tmp_path / "out", 3, "orphan")
+    children = psutil.Process(processor.pid).children(recursive=True)
+    assert len(children) >= 3
+
+    os.kill(processor.pid, signal.SIGKILL)
+    processor.wait(timeout=10)
+
+    def all_gone() -> bool:
+        return all(gone(child) for child in children)
+
+    survivors: list[int] = []
+    try:
+        wait_until(all_gone, 5, interval_s=0.1)
+    except TimeoutError:
+        survivors = [child.pid for child in children if not gone(child)]
+    for child in children:
+        if not gone(child):
+            child.kill()
+    assert survivors == []
+
+    def no_members() -> bool:
+        return group_snapshot(address)["members"] == []
+
+    wait_until(no_members, 15, message="the queue kept the dead shards as members")
+
+
+def partitions_by_node(group: dict[str, Any]) -> dict[str, list[int]]:
+    owned: dict[str, list[int]] = {}
+    for member in group["members"]:
+        node = member["id"].split("/", 1)[0]
+        owned.setdefault(node, []).extend(member["partitions"])
+    return owned
+
+
+@pytest.mark.timeout(150)
+def test_two_processors_share_partitions(evp, tmp_path):
+    partitions = 16
+    _, address = evp.queue(tmp_path / "data", None, "--partitions", str(partitions))
+    out_a = tmp_path / "out-a"
+    out_b = tmp_path / "out-b"
+    start_processor(evp, address, out_a, 2, "node-a")
+    processor_b = start_processor(evp, address, out_b, 2, "node-b")
+
+    def all_assigned() -> dict[str, list[int]] | None:
+        owned = partitions_by_node(group_snapshot(address))
+        total = sum(len(parts) for parts in owned.values())
+        return owned if total == partitions else None
+
+    owned = wait_until(all_assigned, 30, message="the partitions were not all assigned")
+    assert len(owned["node-a"]) > 0
+    assert len(owned["node-b"]) > 0
+    assert set(owned["node-a"]) & set(owned["node-b"]) == set()
+    assert set(owned["node-a"]) | set(owned["node-b"]) == set(range(partitions))
+
+    first_ids = write_events(tmp_path / "first.jsonl", 300, "shared")
+    publish_file(evp, address, tmp_path / "first.jsonl")
+    wait_for_lag_zero(address)
+    assert len(output_ids(out_a)) > 0
+    assert len(output_ids(out_b)) > 0
+
+    assert stop(processor_b) == 0
+
+    def only_a() -> dict[str, list[int]] | None:
+        owned = partitions_by_node(group_snapshot(address))
+        return owned if list(owned) == ["node-a"] and len(owned["node-a"]) == partitions else None
+
+    owned = wait_until(only_a, 30, message="node-a did not take over every partition")
+    assert sorted(owned["node-a"]) == list(range(partitions))
+
+    second_ids = write_events(tmp_path / "second.jsonl", 300, "alone")
+    publish_file(evp, address, tmp_path / "second.jsonl")
+    wait_for_lag_zero(address)
+    assert set(first_ids) - set(output_ids(out_a, out_b)) == set()
+    assert set(second_ids) - set(output_ids(out_a)) == set()
