@@ -29,7 +29,7 @@ class ClientError(Exception):
 
 
 class ServerError(ClientError):
-    """The queue answered with an ERROR frame."""
+    """An ERROR frame the queue sent in response."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{message} ({code})")
@@ -142,11 +142,11 @@ async def connect(
         connection.close()
         if isinstance(frame, protocol.Error):
             raise ServerError(frame.code, frame.message)
-        raise ClientError(f"the queue at {address} answered HELLO with {type(frame).__name__}")
+        raise ClientError(f"the queue at {address} responded to HELLO with {type(frame).__name__}")
     connection.close()
     if connection.closed in done:
         raise ClientError(f"the queue at {address} closed the connection during the handshake")
-    raise ClientError(f"the queue at {address} did not answer the handshake within {timeout_s} s")
+    raise ClientError(f"the queue at {address} did not respond to the handshake within {timeout_s} s")
 
 
 @dataclass
@@ -376,9 +376,12 @@ class Consumer:
         max_in_flight: int = 1000,
         token: str | None = None,
         report: Callable[[], protocol.Report] | None = None,
+        before_ack: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
         self.report = report
+        # Called before each ACK goes out, e.g. to flush output the ACK vouches for.
+        self.before_ack = before_ack
         self.topic = topic
         self.group = group
         self.member = member
@@ -504,6 +507,8 @@ class Consumer:
 
     def _flush_acks(self, pending: dict[int, int]) -> None:
         if pending and self._connection is not None:
+            if self.before_ack is not None:
+                self.before_ack()
             self._connection.send(protocol.encode_ack(list(pending.items())))
         pending.clear()
 

@@ -6,7 +6,7 @@ Rules this module keeps:
   acknowledged, `delivered` the next offset not yet sent. Events in between are in
   flight at the owner.
 - Only the owner of a partition is sent its events, in offset order.
-- A member never holds more than `max_in_flight` unacknowledged events; a member whose
+- A member never has more than `max_in_flight` unacknowledged events, and a member whose
   connection is not writable gets nothing until it is (backpressure).
 - When the assignment moves a partition from a live member, the partition is first
   drained: the old owner gets no more of it, and the new owner gets it only once the
@@ -27,6 +27,7 @@ import time
 from typing import Protocol
 
 from evp import hashing
+from evp.protocol import encode_deliver
 from evp.log import CorruptLog
 from evp.metrics import LatencyHistogram
 from evp.storage import Topic
@@ -41,12 +42,12 @@ MAX_BYTES_PER_DELIVER = 1024 * 1024
 
 
 class MemberConnection(Protocol):
-    """What a group needs from the connection of one of its members."""
+    """The connection of a group member, as the group uses it."""
 
     @property
     def writable(self) -> bool: ...
 
-    def send_deliver(self, partition: int, count: int, records: bytes) -> None: ...
+    def send_frames(self, frames: list[bytes]) -> None: ...
 
     def send_assigned(self, partitions: list[int], generation: int, partition_count: int) -> None: ...
 
@@ -268,10 +269,15 @@ class Group:
                 self.dispatch(new_owner)
         self.dispatch(member)
 
-    def on_append(self, partition: int) -> None:
-        cursor = self.cursors[partition]
-        owner = cursor.owner
-        if owner is not None and not cursor.moving:
+    def on_append(self, partitions: list[int]) -> None:
+        """Dispatch to the owners of partitions that just received events, once each."""
+        owners: dict[str, Member] = {}
+        for partition in partitions:
+            cursor = self.cursors[partition]
+            owner = cursor.owner
+            if owner is not None and not cursor.moving:
+                owners[owner.id] = owner
+        for owner in owners.values():
             self.dispatch(owner)
 
     def dispatch_all(self) -> None:
@@ -282,17 +288,28 @@ class Group:
         """Send `member` events from its partitions while it has credit and room."""
         if member.leaving or not member.partitions:
             return
+        # Frames go out in one write per dispatch, not one per partition: at low rates
+        # most frames carry a single event and the system call would dominate.
+        frames: list[bytes] = []
+        try:
+            self._fill(member, frames)
+        finally:
+            if frames:
+                member.connection.send_frames(frames)
+
+    def _fill(self, member: Member, frames: list[bytes]) -> None:
         connection = member.connection
         logs = self.topic.logs
         cursors = self.cursors
         partitions = member.partitions
         count_partitions = len(partitions)
+        pending_bytes = 0
         progress = True
         while progress:
             progress = False
             for step in range(count_partitions):
                 credit = member.max_in_flight - member.in_flight
-                if credit <= 0 or not connection.writable:
+                if credit <= 0 or not connection.writable or pending_bytes > MAX_BYTES_PER_DELIVER:
                     return
                 index = (member._next_index + step) % count_partitions
                 partition = partitions[index]
@@ -320,7 +337,8 @@ class Group:
                         exc,
                     )
                     continue
-                connection.send_deliver(partition, count, data)
+                frames.append(encode_deliver(partition, count, data))
+                pending_bytes += len(data)
                 cursor.delivered += count
                 member.in_flight += count
                 member.delivered_total += count

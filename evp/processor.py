@@ -140,6 +140,7 @@ class Shard:
             max_in_flight=config.max_in_flight,
             token=config.token,
             report=self._queue_report,
+            before_ack=self._flush_output,
         )
         self.latency = LatencyHistogram()
 
@@ -166,13 +167,16 @@ class Shard:
         self.processed += len(batch)
         if self.output is not None and lines:
             self.output.write(b"".join(lines))
-            # Written before the acknowledgement goes out, so an acknowledged event is
-            # in the output file even if the shard is killed right after.
-            self.output.flush()
         # Latency from publish to the end of processing. The publisher's clock sets the
         # timestamp, so across machines the figure includes their clock offset.
         now_us = time.time_ns() // 1000
         self.latency.record_many([now_us - record.timestamp_us for record in batch])
+
+    def _flush_output(self) -> None:
+        # Flushed before the acknowledgement goes out, so an acknowledged event is in
+        # the output file even if the shard is killed right after.
+        if self.output is not None:
+            self.output.flush()
 
     def _queue_report(self) -> protocol.Report:
         return protocol.Report(

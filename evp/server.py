@@ -161,8 +161,7 @@ class QueueServer:
             # Partitions appended before a failure hold events too: dispatch them.
             for (topic_name, _), group in self.groups.items():
                 if topic_name == frame.topic:
-                    for partition in written:
-                        group.on_append(partition)
+                    group.on_append(written)
         return written
 
     def request_sync(self, connection: ServerConnection, seq: int, count: int) -> None:
@@ -481,8 +480,8 @@ class ServerConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
-    def send_deliver(self, partition: int, count: int, records: bytes) -> None:
-        self.send(protocol.encode_deliver(partition, count, records))
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.send(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def send_assigned(self, partitions: list[int], generation: int, partition_count: int) -> None:
         self.send(protocol.encode(protocol.Assigned(partitions, generation, partition_count)))

@@ -35,9 +35,9 @@ async def fetch_snapshot(address: str, token: str | None = None, timeout_s: floa
     finally:
         connection.close()
     if isinstance(frame, protocol.Error):
-        raise ClientError(f"the queue refused the statistics request: {frame.message}")
+        raise ClientError(f"the queue rejected the statistics request: {frame.message}")
     if not isinstance(frame, protocol.Stats):
-        raise ClientError(f"the queue answered a statistics request with {type(frame).__name__}")
+        raise ClientError(f"the queue responded to a statistics request with {type(frame).__name__}")
     return frame.snapshot
 
 
