@@ -106,6 +106,7 @@ def queue(
     session_timeout_ms: Annotated[int, typer.Option(envvar="EVP_SESSION_TIMEOUT_MS", min=100, help="A shard silent this long is declared dead, in milliseconds.")] = 10000,
     handshake_timeout: Annotated[float, typer.Option(envvar="EVP_HANDSHAKE_TIMEOUT", min=0.1, help="A connection that sends no HELLO within this many seconds is closed.")] = 10.0,
     segment_bytes: Annotated[int, typer.Option(envvar="EVP_SEGMENT_BYTES", min=4096, help="Size at which a partition starts a new log segment, in bytes.")] = 64 * 1024 * 1024,
+    metrics_port: Annotated[int | None, typer.Option(envvar="EVP_METRICS_PORT", min=0, max=65535, help="Serve Prometheus metrics at /metrics on this TCP port, on the --host address.", show_default=False)] = None,
     token: Token = None,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -132,6 +133,7 @@ def queue(
         session_timeout_ms=session_timeout_ms,
         handshake_timeout_s=handshake_timeout,
         segment_bytes=segment_bytes,
+        metrics_port=metrics_port,
         token=token,
     )
     try:

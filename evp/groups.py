@@ -70,6 +70,7 @@ class Member:
         self.failed = 0
         self.pid = 0
         self.latency = LatencyHistogram()
+        self.retrying: dict | None = None
         self.joined_at = time.monotonic()
         self.last_seen = self.joined_at
         self._next_index = 0  # round-robin start in `partitions`

@@ -125,6 +125,7 @@ class Shard:
         self.processed = 0
         self.emitted = 0
         self.failed = 0
+        self.retrying: dict[str, Any] | None = None
         self.output = None
         if config.output is not None:
             config.output.mkdir(parents=True, exist_ok=True)
@@ -184,6 +185,7 @@ class Shard:
             failed=self.failed,
             pid=os.getpid(),
             latency=self.latency.to_dict(),
+            retrying=self.retrying,
         )
 
     async def _run_handler(self, partition: int, record: records.Record) -> list[bytes]:
@@ -196,7 +198,15 @@ class Shard:
                     result = await result
                 break
             except Exception as exc:  # noqa: BLE001 - any handler failure is retried
+                self.retrying = {
+                    "partition": partition,
+                    "offset": record.offset,
+                    "key": record.key.decode(errors="replace"),
+                    "attempt": attempt,
+                    "error": f"{type(exc).__name__}: {exc}"[:200],
+                }
                 if attempt == HANDLER_ATTEMPTS:
+                    self.retrying = None
                     self.failed += 1
                     logger.error(
                         "handler failed %d times on topic=%s partition=%d offset=%d key=%r; "
@@ -211,6 +221,7 @@ class Shard:
                     )
                     return []
                 await asyncio.sleep(0.1 * 2 ** (attempt - 1))
+        self.retrying = None
         if result is None:
             return []
         if isinstance(result, list):

@@ -185,6 +185,8 @@ class Report:
     pid: int = 0
     # Latency from publish to processing: evp.metrics.LatencyHistogram.to_dict().
     latency: dict[str, int] = field(default_factory=dict)
+    # The event the handler is retrying: partition, offset, key, attempt and error.
+    retrying: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -347,7 +349,7 @@ _CONTROL_FIELDS: dict[FrameType, tuple[type, dict[str, type]]] = {
     ),
     FrameType.REPORT: (
         Report,
-        {"processed": int, "failed": int, "pid": int, "latency": dict},
+        {"processed": int, "failed": int, "pid": int, "latency": dict, "retrying": dict},
     ),
     FrameType.ASSIGNED: (
         Assigned,

@@ -34,6 +34,7 @@ from evp import __version__, events, hashing, protocol
 from evp.groups import Group, Member
 from evp.log import OffsetOutOfRange
 from evp.metrics import LatencyHistogram
+from evp.telemetry import SnapshotCollector, Telemetry
 from evp.records import MAX_KEY_BYTES
 from evp.storage import Store, StorageError, check_name
 
@@ -67,6 +68,7 @@ class QueueConfig:
     segment_bytes: int = 64 * 1024 * 1024
     token: str | None = None
     health_interval_s: float = 10.0
+    metrics_port: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +92,8 @@ class QueueServer:
         self._sync_waiters: list[tuple[ServerConnection, int, int]] = []
         self._sync_wakeup = asyncio.Event()
         self._stopping = False
-        self.rates = RateTracker()
+        self._metrics_server: Any = None
+        self.telemetry = Telemetry(self)
         for topic_name, group_name in self.store.saved_groups():
             if topic_name in self.store.topics:
                 self.group(topic_name, group_name)
@@ -141,8 +144,10 @@ class QueueServer:
         count = topic.partition_count
         by_partition: dict[int, list[tuple[bytes, bytes, int]]] = {}
         partition_for = hashing.partition_for
+        count_key = self.telemetry.key_counter(topic).add
         for entry in frame.entries:
             partition = partition_for(entry[0], count)
+            count_key(entry[0], partition)
             batch = by_partition.get(partition)
             if batch is None:
                 by_partition[partition] = [entry]
@@ -240,83 +245,46 @@ class QueueServer:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             snapshot = self.snapshot()
-            lag = sum(group["lag"] for group in snapshot["groups"])
+            groups = snapshot["groups"]
             logger.info(
-                "health connections=%d topics=%d events_stored=%d groups=%d lag=%d",
+                "health connections=%d topics=%d events_stored=%d events_in_per_s=%.0f "
+                "groups=%d members=%d acked_per_s=%.0f lag=%d lag_seconds=%.1f",
                 len(self.connections),
                 len(snapshot["topics"]),
                 sum(topic["events"] for topic in snapshot["topics"]),
-                len(snapshot["groups"]),
-                lag,
+                sum(topic["events_in_per_s"] for topic in snapshot["topics"]),
+                len(groups),
+                sum(len(group["members"]) for group in groups),
+                sum(group["acked_per_s"] for group in groups),
+                sum(group["lag"] for group in groups),
+                max((group["lag_seconds"] for group in groups), default=0.0),
             )
+            for group in groups:
+                if group["stall"]:
+                    logger.warning(
+                        "group=%s topic=%s is stalled with lag=%d: %s",
+                        group["group"],
+                        group["topic"],
+                        group["lag"],
+                        group["stall"],
+                    )
 
     # Statistics.
 
     def snapshot(self) -> dict[str, Any]:
-        """Return the statistics snapshot that `evp stats` shows; docs/stats.md lists the fields."""
-        topics = []
-        for name, topic in sorted(self.store.topics.items()):
-            topics.append(
-                {
-                    "name": name,
-                    "partitions": topic.partition_count,
-                    "events": topic.stored_events(),
-                    "bytes": topic.size_bytes(),
-                    "events_in": topic.events_in,
-                    "events_in_per_s": self.rates.rate(("in", name), topic.events_in),
-                }
-            )
-        groups = []
-        for (topic_name, group_name), group in sorted(self.groups.items()):
-            members = []
-            group_latency = LatencyHistogram()
-            for member in sorted(group.members.values(), key=lambda m: m.id):
-                group_latency.merge(member.latency)
-                members.append(
-                    {
-                        "id": member.id,
-                        "pid": member.pid,
-                        "processed": member.processed,
-                        "failed": member.failed,
-                        "latency": member.latency.summary_ms(),
-                        "partitions": list(member.partitions),
-                        "in_flight": member.in_flight,
-                        "max_in_flight": member.max_in_flight,
-                        "delivered": member.delivered_total,
-                        "acked": member.acked_total,
-                        "acked_per_s": self.rates.rate(
-                            ("member", topic_name, group_name, member.id), member.acked_total
-                        ),
-                        "leaving": member.leaving,
-                        "last_seen_s": round(time.monotonic() - member.last_seen, 3),
-                    }
-                )
-            groups.append(
-                {
-                    "topic": topic_name,
-                    "group": group_name,
-                    "members": members,
-                    "generation": group.generation,
-                    "lag": group.lag(),
-                    "delivered": group.delivered_total,
-                    "acked": group.acked_total,
-                    "acked_per_s": self.rates.rate(
-                        ("acked", topic_name, group_name), group.acked_total
-                    ),
-                    "redelivered": group.redelivered_total,
-                    "rebalances": group.rebalances,
-                    "latency": group_latency.summary_ms(),
-                    "committed": [cursor.committed for cursor in group.cursors],
-                }
-            )
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "time": time.time(),
-            "connections": len(self.connections),
-            "topics": topics,
-            "groups": groups,
-        }
+        """Build a statistics snapshot (docs/stats.md lists the fields).
+
+        Counts are current; rates come from the last one-second sample.
+        """
+        return self.telemetry.build()
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.telemetry.sample()
+            except Exception:  # a bug in statistics must not stop the queue
+                logger.exception("sampling statistics failed")
 
     # Lifecycle.
 
@@ -334,6 +302,10 @@ class QueueServer:
         self._tasks.append(asyncio.create_task(self._save_offsets()))
         self._tasks.append(asyncio.create_task(self._reap_members()))
         self._tasks.append(asyncio.create_task(self._health()))
+        self._tasks.append(asyncio.create_task(self._sample()))
+        self.telemetry.sample()
+        if self.config.metrics_port is not None:
+            self._start_metrics()
         logger.info(
             "queue listening on %s:%d data_dir=%s partitions=%d fsync=%s version=%s",
             self.config.host,
@@ -350,6 +322,20 @@ class QueueServer:
                 self.config.host,
             )
 
+    def _start_metrics(self) -> None:
+        """Serve Prometheus metrics at /metrics on the queue's host, in a thread."""
+        import prometheus_client
+
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(SnapshotCollector(self.telemetry))
+        port = self.config.metrics_port
+        assert port is not None
+        server, _ = prometheus_client.start_http_server(port, addr=self.config.host, registry=registry)
+        self._metrics_server = server
+        logger.info(
+            "metrics at http://%s:%d/metrics", self.config.host, server.server_address[1]
+        )
+
     async def stop(self) -> None:
         if self._stopping:
             return
@@ -357,6 +343,9 @@ class QueueServer:
         logger.info("queue stopping")
         if self._server is not None:
             self._server.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         for connection in list(self.connections):
             connection.close("queue shutting down")
         for task in self._tasks:
@@ -368,29 +357,6 @@ class QueueServer:
         self._sync_dirty([log for topic in self.store.topics.values() for log in topic.logs])
         self.store.close()
         logger.info("queue stopped")
-
-
-class RateTracker:
-    """Per-second rates of monotonic counters, sampled when a snapshot is taken.
-
-    Each counter keeps the rate measured over its last sampling interval of at least one
-    second, so the hot paths only increment plain integers.
-    """
-
-    def __init__(self) -> None:
-        self._samples: dict[Any, tuple[float, int, float]] = {}
-
-    def rate(self, key: Any, total: int) -> float:
-        now = time.monotonic()
-        sample = self._samples.get(key)
-        if sample is None:
-            self._samples[key] = (now, total, 0.0)
-            return 0.0
-        sampled_at, sampled_total, rate = sample
-        if now - sampled_at >= 1.0:
-            rate = round((total - sampled_total) / (now - sampled_at), 1)
-            self._samples[key] = (now, total, rate)
-        return rate
 
 
 class ServerConnection(asyncio.Protocol):
@@ -532,6 +498,7 @@ class ServerConnection(asyncio.Protocol):
                     self.member.latency = LatencyHistogram.from_dict(frame.latency)
                 except ValueError as exc:
                     raise protocol.MalformedFrame(f"REPORT latency histogram: {exc}") from None
+                self.member.retrying = frame.retrying
                 self.member.processed = frame.processed
                 self.member.failed = frame.failed
                 self.member.pid = frame.pid
