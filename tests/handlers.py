@@ -33,3 +33,28 @@ async def slow(event: dict[str, Any]) -> dict[str, Any]:
     """Return the event unchanged after SLOW_DELAY_S, without blocking the event loop."""
     await asyncio.sleep(SLOW_DELAY_S)
     return event
+
+
+# How long `blocking` waits: far longer than any test, so its events stay in flight.
+BLOCKING_DELAY_S = 3600.0
+# How long `poison_slowly` works before failing, so a retry is visible in the
+# statistics, which the shard reports once a second.
+POISON_DELAY_S = 1.5
+
+
+class PoisonError(Exception):
+    """The failure `poison_slowly` raises for an event marked as poison."""
+
+
+async def blocking(event: dict[str, Any]) -> dict[str, Any]:
+    """Wait BLOCKING_DELAY_S without blocking the event loop, so heartbeats go on."""
+    await asyncio.sleep(BLOCKING_DELAY_S)
+    return event
+
+
+async def poison_slowly(event: dict[str, Any]) -> dict[str, Any]:
+    """Fail on events with "poison": true after POISON_DELAY_S; pass the rest."""
+    if event.get("poison"):
+        await asyncio.sleep(POISON_DELAY_S)
+        raise PoisonError(f"event {event.get('id')} is poison")
+    return event
