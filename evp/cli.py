@@ -24,6 +24,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _add_admin_commands() -> None:
+    from evp.cli_admin import groups_app, topics_app
+
+    app.add_typer(topics_app, name="topics")
+    app.add_typer(groups_app, name="groups")
+
+
 QueueAddress = Annotated[
     str,
     typer.Option("--queue", envvar="EVP_QUEUE", help="Address of the queue, HOST:PORT."),
@@ -106,6 +113,10 @@ def queue(
     session_timeout_ms: Annotated[int, typer.Option(envvar="EVP_SESSION_TIMEOUT_MS", min=100, help="A shard silent this long is declared dead, in milliseconds.")] = 10000,
     handshake_timeout: Annotated[float, typer.Option(envvar="EVP_HANDSHAKE_TIMEOUT", min=0.1, help="A connection that sends no HELLO within this many seconds is closed.")] = 10.0,
     segment_bytes: Annotated[int, typer.Option(envvar="EVP_SEGMENT_BYTES", min=4096, help="Size at which a partition starts a new log segment, in bytes.")] = 64 * 1024 * 1024,
+    retention_hours: Annotated[float | None, typer.Option(envvar="EVP_RETENTION_HOURS", min=0, help="Default retention of topics, in hours: older segments are deleted once every group has processed them.", show_default=False)] = None,
+    retention_bytes: Annotated[int | None, typer.Option(envvar="EVP_RETENTION_BYTES", min=0, help="Default size limit per partition, in bytes: older segments beyond it are deleted once every group has processed them.", show_default=False)] = None,
+    max_disk_bytes: Annotated[int | None, typer.Option(envvar="EVP_MAX_DISK_BYTES", min=0, help="Hard limit on all segments, in bytes: above it the oldest segments are deleted even if unprocessed (counted as lost).", show_default=False)] = None,
+    min_free_disk_bytes: Annotated[int, typer.Option(envvar="EVP_MIN_FREE_DISK_BYTES", min=0, help="Hard floor of free space on the data directory's file system, in bytes; enforced like --max-disk-bytes.")] = 256 * 1024 * 1024,
     metrics_port: Annotated[int | None, typer.Option(envvar="EVP_METRICS_PORT", min=0, max=65535, help="Serve Prometheus metrics at /metrics on this TCP port, on the --host address.", show_default=False)] = None,
     token: Token = None,
     log_level: LogLevel = "INFO",
@@ -134,6 +145,10 @@ def queue(
         handshake_timeout_s=handshake_timeout,
         segment_bytes=segment_bytes,
         metrics_port=metrics_port,
+        retention_hours=retention_hours,
+        retention_bytes=retention_bytes,
+        max_disk_bytes=max_disk_bytes,
+        min_free_disk_bytes=min_free_disk_bytes,
         token=token,
     )
     try:
@@ -188,7 +203,11 @@ def process(
     )
     if node:
         config.node = node
-    code = processor.run(config)
+    from rich.console import Console
+
+    from evp import views
+
+    code = views.process_with_view(config, Console())
     raise typer.Exit(code)
 
 
@@ -235,19 +254,32 @@ def publish(
     )
     if file is None and count is None and duration is None:
         typer.echo("publishing generated events until Ctrl-C (set --count or --duration to stop)", err=True)
+    from rich.console import Console
+
+    from evp import views
+
+    # On a terminal, progress bars and a summary table. Elsewhere one summary line, which
+    # scripts and tests parse, so its format stays fixed.
+    console = Console(stderr=True)
     try:
-        report = publisher.run(config, on_invalid_line=lambda message: typer.echo(message, err=True))
+        if console.is_terminal:
+            report = views.publish_with_progress(config, console)
+        else:
+            report = publisher.run(
+                config, on_invalid_line=lambda message: typer.echo(message, err=True)
+            )
     except ClientError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    rate_done = report.sent / report.elapsed_s if report.elapsed_s else 0.0
-    typer.echo(
-        f"sent={report.sent} acknowledged={report.acked} rejected={report.rejected} "
-        f"invalid_lines={report.invalid_lines} unacknowledged={report.unacked} "
-        f"elapsed_s={report.elapsed_s:.2f} rate_per_s={rate_done:.0f}",
-        err=True,
-    )
+    if not console.is_terminal:
+        rate_done = report.sent / report.elapsed_s if report.elapsed_s else 0.0
+        typer.echo(
+            f"sent={report.sent} acknowledged={report.acked} rejected={report.rejected} "
+            f"invalid_lines={report.invalid_lines} unacknowledged={report.unacked} "
+            f"elapsed_s={report.elapsed_s:.2f} rate_per_s={rate_done:.0f}",
+            err=True,
+        )
     if not report.ok:
         _fail(
             f"{report.unacked} events were not acknowledged and {report.rejected} were rejected",
@@ -290,6 +322,11 @@ def stats(
         _fail(str(exc))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader of stdout has gone, as in `evp stats | head -3`. Stop quietly, and point
+        # stdout at /dev/null so that the flush at exit raises no second BrokenPipeError.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
 
 
 @app.command()
@@ -305,6 +342,9 @@ def demo(
 
     code = demo_run.run(shards=shards, count=count, rate=rate, partitions=partitions, keep=keep)
     raise typer.Exit(code)
+
+
+_add_admin_commands()
 
 
 def main() -> None:

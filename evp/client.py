@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from evp import __version__, protocol, records
 
@@ -543,3 +544,37 @@ class Consumer:
         self._stopped = True
         if self._connection is not None:
             self._connection.close()
+
+
+async def admin_request(
+    address: str,
+    operation: str,
+    args: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    timeout_s: float = 10.0,
+) -> Any:
+    """Send one ADMIN request and return its result; raise ServerError when it fails."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[protocol.Frame] = loop.create_future()
+
+    def on_frame(frame: protocol.Frame) -> None:
+        if not answer.done():
+            answer.set_result(frame)
+
+    connection, _ = await connect(address, on_frame, token=token, timeout_s=timeout_s)
+    try:
+        connection.send(protocol.encode(protocol.Admin(operation, args or {})))
+        try:
+            frame = await asyncio.wait_for(answer, timeout_s)
+        except TimeoutError:
+            raise ClientError(
+                f"the queue at {address} sent no response to {operation} within {timeout_s} s"
+            ) from None
+    finally:
+        connection.close()
+    if isinstance(frame, protocol.Error):
+        raise ServerError(frame.code, frame.message)
+    if not isinstance(frame, protocol.AdminResult):
+        raise ClientError(f"the queue responded to {operation} with {type(frame).__name__}")
+    return frame.result

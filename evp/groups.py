@@ -92,8 +92,10 @@ class Group:
     def __init__(self, topic: Topic, name: str, committed: dict[int, int]) -> None:
         self.topic = topic
         self.name = name
+        # Saved positions are clamped to the log, so positions left from a deleted and
+        # recreated topic cannot skip its new events.
         self.cursors = [
-            Cursor(max(committed.get(index, log.start_offset), log.start_offset))
+            Cursor(min(max(committed.get(index, log.start_offset), log.start_offset), log.next_offset))
             for index, log in enumerate(topic.logs)
         ]
         self.members: dict[str, Member] = {}
@@ -103,6 +105,7 @@ class Group:
         self.acked_total = 0
         self.redelivered_total = 0
         self.rebalances = 0
+        self.lost_to_retention = 0
 
     # Membership.
 
@@ -270,6 +273,40 @@ class Group:
                 self.dispatch(new_owner)
         self.dispatch(member)
 
+    def skip_deleted(self, partition: int, start_offset: int, dispatch: bool = True) -> int:
+        """Move a cursor that points before `start_offset` (deleted data) up to it.
+
+        Returns the number of unacknowledged events that were deleted, which are
+        counted in `lost_to_retention` and logged.
+        """
+        cursor = self.cursors[partition]
+        if cursor.committed >= start_offset:
+            return 0
+        lost = start_offset - cursor.committed
+        owner = cursor.owner
+        skipped_in_flight = min(cursor.delivered, start_offset) - cursor.committed
+        if owner is not None:
+            owner.in_flight -= skipped_in_flight
+        cursor.committed = start_offset
+        cursor.delivered = max(cursor.delivered, start_offset)
+        self.lost_to_retention += lost
+        self.dirty = True
+        logger.warning(
+            "group=%s topic=%s partition=%d lost %d unacknowledged events to retention; "
+            "it continues from offset %d",
+            self.name,
+            self.topic.name,
+            partition,
+            lost,
+            start_offset,
+        )
+        if cursor.moving and cursor.committed == cursor.delivered:
+            self._hand_over(cursor, cursor.next_owner)
+            self._refresh_partitions()
+        if dispatch and cursor.owner is not None:
+            self.dispatch(cursor.owner)
+        return lost
+
     def on_append(self, partitions: list[int]) -> None:
         """Dispatch to the owners of partitions that just received events, once each."""
         owners: dict[str, Member] = {}
@@ -318,8 +355,8 @@ class Group:
                 log = logs[partition]
                 if cursor.blocked:
                     continue
-                if cursor.delivered < log.start_offset:
-                    cursor.delivered = cursor.committed = log.start_offset
+                if cursor.committed < log.start_offset:
+                    self.skip_deleted(partition, log.start_offset, dispatch=False)
                 available = log.next_offset - cursor.delivered
                 if available <= 0:
                     continue

@@ -170,6 +170,14 @@ class _Segment:
         self.index: _SparseIndex | None = None
 
 
+class SegmentInfo(NamedTuple):
+    base_offset: int
+    end_offset: int  # the offset after its last record
+    size_bytes: int
+    modified_at: float  # the file's modification time, seconds since the epoch
+    active: bool
+
+
 class _ScanResult(NamedTuple):
     valid_bytes: int  # the file position where valid records end
     next_offset: int  # the offset after the last valid record
@@ -789,6 +797,54 @@ class PartitionLog:
         if segment.fd is not None:
             os.close(segment.fd)
             segment.fd = None
+
+    # ------------------------------------------------------------------ retention
+
+    def segments(self) -> list[SegmentInfo]:
+        """Describe the segments, oldest first; the last one is the active segment."""
+        infos = []
+        for index, segment in enumerate(self._segments):
+            active = index == len(self._segments) - 1
+            end = self.next_offset if active else self._segments[index + 1].base_offset
+            try:
+                modified_at = segment.path.stat().st_mtime
+            except OSError:
+                modified_at = 0.0
+            infos.append(
+                SegmentInfo(segment.base_offset, end, segment.size_bytes, modified_at, active)
+            )
+        return infos
+
+    def delete_oldest_segment(self) -> SegmentInfo:
+        """Delete the oldest sealed segment and move `start_offset` past it.
+
+        The active segment is never deleted, so offsets continue after a restart even
+        when retention has removed everything else. Raises ValueError when only the
+        active segment is left.
+        """
+        self._check_open()
+        if len(self._segments) < 2:
+            raise ValueError(f"log {self.name} has only its active segment; nothing to delete")
+        info = self.segments()[0]
+        with self._lock:
+            segment = self._segments.pop(0)
+            self._bases.pop(0)
+            self._open_sealed.pop(segment, None)
+            self._unsynced.pop(segment, None)
+            self._close_segment(segment)
+            self._unsynced_directories[self.directory] = None
+        segment.path.unlink(missing_ok=True)
+        self.size_bytes -= segment.size_bytes
+        self.start_offset = self._bases[0]
+        logger.info(
+            "log %s: deleted segment %s with offsets %d to %d (%d bytes)",
+            self.name,
+            segment.path.name,
+            info.base_offset,
+            info.end_offset - 1,
+            info.size_bytes,
+        )
+        return info
 
     # ------------------------------------------------------------------ close
 

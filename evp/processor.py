@@ -46,6 +46,7 @@ RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 30.0
 HANDLER_ATTEMPTS = 3
 STATUS_INTERVAL_S = 1.0
+LATENCY_WINDOW_S = 30.0
 # Exit code of a shard that cannot start (bad handler, unusable output directory).
 STARTUP_FAILED = 3
 
@@ -143,7 +144,11 @@ class Shard:
             report=self._queue_report,
             before_ack=self._flush_output,
         )
+        # Latency is reported over a sliding window of the last LATENCY_WINDOW_S to
+        # twice that, so a backlog worked off long ago stops showing in the percentiles.
         self.latency = LatencyHistogram()
+        self._previous_latency = LatencyHistogram()
+        self._latency_window_start = time.monotonic()
 
     async def process(self, partition: int, batch: list[records.Record]) -> None:
         lines: list[bytes] = []
@@ -179,12 +184,22 @@ class Shard:
         if self.output is not None:
             self.output.flush()
 
+    def _latency_window(self) -> LatencyHistogram:
+        now = time.monotonic()
+        if now - self._latency_window_start >= LATENCY_WINDOW_S:
+            self._previous_latency = self.latency
+            self.latency = LatencyHistogram()
+            self._latency_window_start = now
+        merged = LatencyHistogram(self._previous_latency.counts)
+        merged.merge(self.latency)
+        return merged
+
     def _queue_report(self) -> protocol.Report:
         return protocol.Report(
             processed=self.processed,
             failed=self.failed,
             pid=os.getpid(),
-            latency=self.latency.to_dict(),
+            latency=self._latency_window().to_dict(),
             retrying=self.retrying,
         )
 
@@ -319,11 +334,25 @@ class ShardSlot:
 
 
 class Supervisor:
-    def __init__(self, config: ProcessorConfig) -> None:
+    def __init__(
+        self, config: ProcessorConfig, on_tick: Callable[[Supervisor], None] | None = None
+    ) -> None:
         self.config = config
         self.context = multiprocessing.get_context("spawn")
         self.slots = [ShardSlot(index) for index in range(config.shards)]
         self.stopping = False
+        # Called from the loop (0.2 s apart or less) and once more after the shards have
+        # stopped, for a live view. It runs in the loop, so it must return quickly.
+        self.on_tick = on_tick
+
+    def _tick(self) -> None:
+        if self.on_tick is None:
+            return
+        try:
+            self.on_tick(self)
+        except Exception:  # noqa: BLE001 - a broken view must not stop the shards
+            logger.exception("the live view failed; the shards keep running without it")
+            self.on_tick = None
 
     def _start(self, slot: ShardSlot) -> None:
         receiver, sender = self.context.Pipe(duplex=False)
@@ -401,10 +430,12 @@ class Supervisor:
             for slot in self.slots:
                 if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
                     self._start(slot)
+            self._tick()
             if all(slot.process is None and slot.restart_at is None for slot in self.slots):
                 logger.error("every shard has stopped and none will be restarted")
                 return 1
         self._stop_all()
+        self._tick()
         return 0
 
     def _watch(self, timeout_s: float) -> None:
@@ -443,6 +474,7 @@ class Supervisor:
                         slot.process = None
                 break
             self._watch(timeout_s=0.2)
+            self._tick()
 
     def summary(self) -> list[dict[str, Any]]:
         rows = []
@@ -461,10 +493,10 @@ class Supervisor:
         return rows
 
 
-def run(config: ProcessorConfig) -> int:
+def run(config: ProcessorConfig, on_tick: Callable[[Supervisor], None] | None = None) -> int:
     if config.handler:
         load_handler(config.handler)  # fail fast, in the supervisor, on a bad spec
-    supervisor = Supervisor(config)
+    supervisor = Supervisor(config, on_tick)
     code = supervisor.run()
     supervisor.last_summary = supervisor.summary()  # type: ignore[attr-defined]
     return code

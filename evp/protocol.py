@@ -64,6 +64,8 @@ class FrameType(enum.IntEnum):
     REPORT = 0x25
     STATS_REQUEST = 0x30
     STATS = 0x31
+    ADMIN = 0x32
+    ADMIN_RESULT = 0x33
 
 
 class ProtocolError(Exception):
@@ -190,6 +192,19 @@ class Report:
 
 
 @dataclass(slots=True)
+class Admin:
+    """A topic or group administration request, e.g. operation "topics.list"."""
+
+    operation: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class AdminResult:
+    result: Any = None
+
+
+@dataclass(slots=True)
 class StatsRequest:
     pass
 
@@ -201,7 +216,7 @@ class Stats:
 
 Frame = (
     Hello | Welcome | Error | Ping | Pong | Publish | Published | Join | Assigned | Deliver
-    | Ack | Leave | Report | StatsRequest | Stats
+    | Ack | Leave | Report | StatsRequest | Stats | Admin | AdminResult
 )
 
 
@@ -271,6 +286,10 @@ def encode(frame: Frame) -> bytes:
             return _frame(FrameType.STATS_REQUEST, b"")
         case Stats(snapshot):
             return _json(FrameType.STATS, snapshot)
+        case Admin():
+            return _json(FrameType.ADMIN, _fields(frame))
+        case AdminResult(result):
+            return _json(FrameType.ADMIN_RESULT, {"result": result})
     raise TypeError(f"cannot encode {type(frame).__name__}: not a protocol frame")
 
 
@@ -351,6 +370,7 @@ _CONTROL_FIELDS: dict[FrameType, tuple[type, dict[str, type]]] = {
         Report,
         {"processed": int, "failed": int, "pid": int, "latency": dict, "retrying": dict},
     ),
+    FrameType.ADMIN: (Admin, {"operation": str, "args": dict}),
     FrameType.ASSIGNED: (
         Assigned,
         {"partitions": list, "generation": int, "partition_count": int},
@@ -471,6 +491,8 @@ def parse(frame_type: int, payload: bytes) -> Frame:
     obj = _parse_json(kind, payload)
     if kind is FrameType.STATS:
         return Stats(obj)
+    if kind is FrameType.ADMIN_RESULT:
+        return AdminResult(obj.get("result"))
     cls, types = _CONTROL_FIELDS[kind]
     frame = _build(cls, kind, obj, types)
     if kind is FrameType.ASSIGNED and not all(type(p) is int for p in frame.partitions):

@@ -23,6 +23,8 @@ MAX_EVENTS_PER_STEP = 1000
 # Falling this far behind the schedule is reported (once per report interval).
 BEHIND_REPORT_S = 1.0
 ACK_WAIT_S = 30.0
+# How often the progress callback runs. Five times a second keeps a progress bar smooth.
+PROGRESS_INTERVAL_S = 0.2
 
 
 @dataclass
@@ -54,6 +56,25 @@ class PublishReport:
     @property
     def ok(self) -> bool:
         return self.unacked == 0 and self.rejected == 0
+
+
+@dataclass
+class PublishProgress:
+    """Counts of a publish in progress, passed to the `on_progress` callback."""
+
+    sent: int
+    acked: int
+    rejected: int
+    invalid_lines: int
+    elapsed_s: float
+    # Seconds behind the --rate schedule, or 0 when on time or without a rate.
+    behind_s: float
+    rate: float
+    count: int | None
+    duration_s: float | None
+    reconnects: int
+    # True once the source, --count or --duration has ended and only acknowledgements remain.
+    finished_sending: bool
 
 
 def _generated(config: PublishConfig) -> Iterator[tuple[bytes, bytes]]:
@@ -94,9 +115,15 @@ def _from_file(
 
 
 async def publish(
-    config: PublishConfig, on_invalid_line: Callable[[str], None] | None = None
+    config: PublishConfig,
+    on_invalid_line: Callable[[str], None] | None = None,
+    on_progress: Callable[[PublishProgress], None] | None = None,
 ) -> PublishReport:
-    """Publish until the source, --count or --duration ends, then wait for acknowledgements."""
+    """Publish until the source, --count or --duration ends, then wait for acknowledgements.
+
+    `on_progress`, when given, is called every PROGRESS_INTERVAL_S from the event loop
+    and once more at the end.
+    """
     report = PublishReport()
 
     def on_rejected(message: str, count: int) -> None:
@@ -113,6 +140,34 @@ async def publish(
     deadline = started + config.duration_s if config.duration_s else None
     sent = 0
     last_behind_report = started
+    finished_sending = False
+
+    def progress() -> PublishProgress:
+        elapsed_s = time.monotonic() - started
+        behind_s = 0.0
+        if config.rate > 0 and not finished_sending:
+            behind_s = max(0.0, elapsed_s - sent / config.rate)
+        return PublishProgress(
+            sent=producer.sent,
+            acked=producer.acked,
+            rejected=report.rejected + producer.rejected,
+            invalid_lines=report.invalid_lines,
+            elapsed_s=elapsed_s,
+            behind_s=behind_s,
+            rate=config.rate,
+            count=config.count,
+            duration_s=config.duration_s,
+            reconnects=producer.reconnects,
+            finished_sending=finished_sending,
+        )
+
+    async def report_progress() -> None:
+        assert on_progress is not None
+        while True:
+            on_progress(progress())
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+
+    progress_task = asyncio.create_task(report_progress()) if on_progress else None
     try:
         exhausted = False
         while not exhausted:
@@ -156,11 +211,17 @@ async def publish(
                     )
             await producer.wait_for_capacity()
             await asyncio.sleep(0)
+        finished_sending = True
         if not await producer.flush(ACK_WAIT_S):
             logger.error(
                 "%d events were not acknowledged within %.0f s", producer.unacked, ACK_WAIT_S
             )
     finally:
+        if progress_task is not None:
+            progress_task.cancel()
+            finished_sending = True
+            assert on_progress is not None
+            on_progress(progress())
         report.sent = producer.sent
         report.acked = producer.acked
         report.rejected += producer.rejected
@@ -171,8 +232,10 @@ async def publish(
 
 
 def run(
-    config: PublishConfig, on_invalid_line: Callable[[str], None] | None = None
+    config: PublishConfig,
+    on_invalid_line: Callable[[str], None] | None = None,
+    on_progress: Callable[[PublishProgress], None] | None = None,
 ) -> PublishReport:
     import uvloop
 
-    return uvloop.run(publish(config, on_invalid_line))
+    return uvloop.run(publish(config, on_invalid_line, on_progress))

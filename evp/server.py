@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evp import __version__, events, hashing, protocol
+from evp import __version__, admin, events, hashing, protocol, retention
 from evp.groups import Group, Member
 from evp.log import OffsetOutOfRange
 from evp.metrics import LatencyHistogram
 from evp.telemetry import SnapshotCollector, Telemetry
 from evp.records import MAX_KEY_BYTES
-from evp.storage import Store, StorageError, check_name
+from evp.storage import Retention, Store, StorageError, check_name
 
 logger = logging.getLogger("evp.server")
 
@@ -69,6 +69,11 @@ class QueueConfig:
     token: str | None = None
     health_interval_s: float = 10.0
     metrics_port: int | None = None
+    retention_hours: float | None = None
+    retention_bytes: int | None = None
+    max_disk_bytes: int | None = None
+    min_free_disk_bytes: int = 256 * 1024 * 1024
+    retention_check_interval_s: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +99,11 @@ class QueueServer:
         self._stopping = False
         self._metrics_server: Any = None
         self.telemetry = Telemetry(self)
+        self.default_retention = Retention(
+            config.retention_hours * 3600 if config.retention_hours is not None else None,
+            config.retention_bytes,
+        )
+        self.disk_limits = retention.DiskLimits(config.max_disk_bytes, config.min_free_disk_bytes)
         for topic_name, group_name in self.store.saved_groups():
             if topic_name in self.store.topics:
                 self.group(topic_name, group_name)
@@ -209,7 +219,7 @@ class QueueServer:
 
     async def _save_dirty_groups(self) -> None:
         for (topic_name, group_name), group in list(self.groups.items()):
-            if not group.dirty:
+            if not group.dirty or self.groups.get((topic_name, group_name)) is not group:
                 continue
             group.dirty = False
             offsets = group.committed_offsets()
@@ -220,6 +230,16 @@ class QueueServer:
                 logger.error(
                     "saving positions of group=%s topic=%s failed: %s", group_name, topic_name, exc
                 )
+
+    async def _retention(self) -> None:
+        """Apply retention and the disk limits in the background, once per interval."""
+        while True:
+            await asyncio.sleep(self.config.retention_check_interval_s)
+            try:
+                retention.apply_retention(self, self.default_retention)
+                retention.apply_disk_limits(self, self.disk_limits)
+            except OSError as exc:
+                logger.error("retention failed: %s", exc)
 
     async def _reap_members(self) -> None:
         """Declare dead every member that has sent nothing for the session timeout."""
@@ -303,6 +323,7 @@ class QueueServer:
         self._tasks.append(asyncio.create_task(self._reap_members()))
         self._tasks.append(asyncio.create_task(self._health()))
         self._tasks.append(asyncio.create_task(self._sample()))
+        self._tasks.append(asyncio.create_task(self._retention()))
         self.telemetry.sample()
         if self.config.metrics_port is not None:
             self._start_metrics()
@@ -507,6 +528,15 @@ class ServerConnection(asyncio.Protocol):
                     self.group.leave(self.member)
             case protocol.StatsRequest():
                 self.send(protocol.encode(protocol.Stats(self.server.snapshot())))
+            case protocol.Admin(operation, args):
+                try:
+                    result = admin.run(self.server, operation, args)
+                except admin.AdminError as exc:
+                    logger.info("admin %s from %s failed: %s", operation, self.peer, exc)
+                    self.send_error("admin_error", str(exc), fatal=False)
+                    return
+                logger.info("admin %s %s from %s", operation, args, self.peer)
+                self.send(protocol.encode(protocol.AdminResult(result)))
             case protocol.Hello():
                 raise protocol.ProtocolError("HELLO sent twice on one connection")
             case _:

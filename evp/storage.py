@@ -22,8 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -65,12 +68,41 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+@dataclass
+class Retention:
+    """How long a topic keeps events: by age and by size per partition; None is no limit."""
+
+    max_age_s: float | None = None
+    max_partition_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_age_s": self.max_age_s, "max_partition_bytes": self.max_partition_bytes}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Retention:
+        if not isinstance(data, dict):
+            return cls()
+        age = data.get("max_age_s")
+        size = data.get("max_partition_bytes")
+        return cls(
+            float(age) if age is not None else None, int(size) if size is not None else None
+        )
+
+
 class Topic:
     def __init__(
-        self, name: str, directory: Path, partitions: int, segment_bytes: int, tail_bytes: int
+        self,
+        name: str,
+        directory: Path,
+        partitions: int,
+        segment_bytes: int,
+        tail_bytes: int,
+        retention: Retention | None = None,
     ) -> None:
         self.name = name
         self.directory = directory
+        # None means the queue's defaults apply.
+        self.retention = retention
         self.logs = [
             PartitionLog(
                 directory / f"{index:05d}",
@@ -131,11 +163,13 @@ class Store:
                 logger.warning("ignoring %s: it has no topic.json", entry)
                 continue
             try:
-                partitions = int(orjson.loads(meta.read_bytes())["partitions"])
+                data = orjson.loads(meta.read_bytes())
+                partitions = int(data["partitions"])
+                retention = Retention.from_json(data["retention"]) if data.get("retention") else None
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise StorageError(f"cannot read {meta}: {exc}") from exc
             self.topics[entry.name] = Topic(
-                entry.name, entry, partitions, self.segment_bytes, self.tail_bytes
+                entry.name, entry, partitions, self.segment_bytes, self.tail_bytes, retention
             )
             logger.info(
                 "opened topic=%s partitions=%d events=%d",
@@ -149,18 +183,44 @@ class Store:
         topic = self.topics.get(name)
         if topic is not None:
             return topic
+        return self.create_topic(name, self.default_partitions)
+
+    def create_topic(
+        self, name: str, partitions: int, retention: Retention | None = None
+    ) -> Topic:
+        """Create a topic; raise StorageError if it exists or an argument is invalid."""
         check_name("topic", name)
+        if name in self.topics:
+            raise StorageError(f"topic {name!r} already exists")
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise StorageError(f"invalid partition count {partitions}: use 1 to {MAX_PARTITIONS}")
         directory = self.data_dir / "topics" / name
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "partitions": self.default_partitions,
+        meta: dict[str, Any] = {
+            "partitions": partitions,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        if retention is not None:
+            meta["retention"] = retention.to_json()
         write_atomic(directory / "topic.json", orjson.dumps(meta))
-        topic = Topic(name, directory, self.default_partitions, self.segment_bytes, self.tail_bytes)
+        topic = Topic(name, directory, partitions, self.segment_bytes, self.tail_bytes, retention)
         self.topics[name] = topic
-        logger.info("created topic=%s partitions=%d", name, self.default_partitions)
+        logger.info("created topic=%s partitions=%d", name, partitions)
         return topic
+
+    def delete_topic(self, name: str) -> None:
+        """Close a topic's logs and remove its directory and its groups' positions."""
+        topic = self.topics.pop(name, None)
+        if topic is None:
+            raise StorageError(f"topic {name!r} not found")
+        topic.close()
+        shutil.rmtree(topic.directory)
+        shutil.rmtree(self.data_dir / "groups" / name, ignore_errors=True)
+        logger.info("deleted topic=%s and its group positions", name)
+
+    def delete_offsets(self, topic: str, group: str) -> None:
+        path = self.data_dir / "groups" / topic / f"{group}.json"
+        path.unlink(missing_ok=True)
 
     def load_offsets(self, topic: str, group: str) -> dict[int, int]:
         path = self.data_dir / "groups" / topic / f"{group}.json"

@@ -250,6 +250,7 @@ class Telemetry:
                     "acked_history": rates.history(("acked", topic_name, group_name)),
                     "redelivered": group.redelivered_total,
                     "rebalances": group.rebalances,
+                    "lost_to_retention": group.lost_to_retention,
                     "latency": group_latency.summary_ms(),
                     "stall": stall_reason(group, acked_per_s, lag, heartbeat_s),
                     "committed": [cursor.committed for cursor in group.cursors],
@@ -356,6 +357,11 @@ class SnapshotCollector:
             "evp_group_redelivered", "Events sent again after a shard died.", labels=group_labels
         )
         rebalances = CounterMetricFamily("evp_group_rebalances", "Rebalances.", labels=group_labels)
+        lost = CounterMetricFamily(
+            "evp_group_lost_events",
+            "Unacknowledged events deleted by the queue's disk limits.",
+            labels=group_labels,
+        )
         members = GaugeMetricFamily("evp_group_members", "Connected shards.", labels=group_labels)
         partition_lag = GaugeMetricFamily(
             "evp_partition_lag_events",
@@ -378,6 +384,7 @@ class SnapshotCollector:
             delivered.add_metric(labels, group["delivered"])
             redelivered.add_metric(labels, group["redelivered"])
             rebalances.add_metric(labels, group["rebalances"])
+            lost.add_metric(labels, group["lost_to_retention"])
             members.add_metric(labels, len(group["members"]))
             for partition, events in enumerate(group["partition_lag"]):
                 partition_lag.add_metric([*labels, str(partition)], events)
@@ -389,5 +396,5 @@ class SnapshotCollector:
             if histogram is not None:
                 buckets, total_s = prometheus_buckets(histogram)
                 latency.add_metric(labels, buckets, total_s)
-        yield from (lag, lag_s, acked, delivered, redelivered, rebalances, members)
+        yield from (lag, lag_s, acked, delivered, redelivered, rebalances, lost, members)
         yield from (partition_lag, in_flight, shard_acked, latency)
