@@ -7,6 +7,7 @@ variable) and calls the role's `run`. Nothing here holds logic of its own.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from enum import Enum
@@ -217,7 +218,7 @@ def publish(
     topic: Topic = "events",
     rate: Annotated[float, typer.Option(envvar="EVP_RATE", min=0, help="Events per second; 0 sends as fast as the queue accepts.")] = 100.0,
     count: Annotated[int | None, typer.Option(envvar="EVP_COUNT", min=0, help="Stop after this many events.", show_default=False)] = None,
-    duration: Annotated[float | None, typer.Option(envvar="EVP_DURATION", min=0, help="Stop after this many seconds.", show_default=False)] = None,
+    duration: Annotated[float | None, typer.Option(envvar="EVP_DURATION", min=0, help="Stop after this many seconds; 0 or unset runs until the input ends or Ctrl-C.", show_default=False)] = None,
     file: Annotated[str | None, typer.Option("--file", envvar="EVP_FILE", help="JSON-lines file to publish (.gz is decompressed); - for standard input. Without it, random events are generated.", show_default=False)] = None,
     key_field: Annotated[str | None, typer.Option(envvar="EVP_KEY_FIELD", help="Dotted path of the key in each event, e.g. repo.name; default partitionkey, then id.", show_default=False)] = None,
     keys: Annotated[int, typer.Option(envvar="EVP_KEYS", min=1, help="Distinct user ids (keys) of generated events.")] = 1000,
@@ -234,6 +235,8 @@ def publish(
         parse_address(queue)
         check_name("topic", topic)
         events.key_path(key_field)
+        if not math.isfinite(rate):
+            raise ValueError(f"invalid --rate {rate}: use a finite number of events per second, or 0 for no limit")
         if file is not None and file != "-":
             if Path(file).is_dir():
                 raise ValueError(f"input file {file!r} is a directory; give a JSON-lines file")
@@ -280,6 +283,8 @@ def publish(
             f"elapsed_s={report.elapsed_s:.2f} rate_per_s={rate_done:.0f}",
             err=True,
         )
+    if report.input_error is not None:
+        _fail(f"{report.input_error}; the {report.acked} events before it were acknowledged", code=1)
     if not report.ok:
         _fail(
             f"{report.unacked} events were not acknowledged and {report.rejected} were rejected",

@@ -175,6 +175,7 @@ class Producer:
         max_batch_events: int = 2000,
         max_batch_bytes: int = 1024 * 1024,
         max_unacked_events: int = 100_000,
+        max_unacked_bytes: int = 32 * 1024 * 1024,
         on_rejected: Callable[[str, int], None] | None = None,
     ) -> None:
         self.address = address
@@ -182,6 +183,10 @@ class Producer:
         self.max_batch_events = max_batch_events
         self.max_batch_bytes = max_batch_bytes
         self.max_unacked_events = max_unacked_events
+        # Both bounds hold while the queue is unreachable, so a publisher's memory
+        # stays bounded however long the outage.
+        self.max_unacked_bytes = max_unacked_bytes
+        self._unacked_bytes = 0
         self.on_rejected = on_rejected
         self.sent = 0
         self.acked = 0
@@ -253,12 +258,21 @@ class Producer:
         batch = self._open.get(topic)
         if batch is None:
             batch = self._open[topic] = _Batch(0, topic, [], 0)
+        size_bytes = len(key) + len(value) + 14
+        if batch.entries and batch.size_bytes + size_bytes > self.max_batch_bytes:
+            # Seal first, so no batch grows past the queue's frame limit.
+            self._seal(topic)
+            batch = self._open[topic] = _Batch(0, topic, [], 0)
         batch.entries.append((key, value, timestamp_us))
-        batch.size_bytes += len(key) + len(value) + 14
+        batch.size_bytes += size_bytes
         self._unacked_events += 1
+        self._unacked_bytes += size_bytes
         self.sent += 1
         self._all_acked.clear()
-        if self._unacked_events >= self.max_unacked_events:
+        if (
+            self._unacked_events >= self.max_unacked_events
+            or self._unacked_bytes >= self.max_unacked_bytes
+        ):
             self._capacity.clear()
         if len(batch.entries) >= self.max_batch_events or batch.size_bytes >= self.max_batch_bytes:
             self._seal(topic)
@@ -297,7 +311,7 @@ class Producer:
             batch = self._unacked.pop(frame.seq, None)
             if batch is not None:
                 self.acked += len(batch.entries)
-                self._settle(len(batch.entries))
+                self._settle(batch)
         elif isinstance(frame, protocol.Error):
             self._on_error(frame)
         else:
@@ -312,7 +326,7 @@ class Producer:
         if frame.code == "invalid_event":
             del self._unacked[batch.seq]
             self.rejected += len(batch.entries)
-            self._settle(len(batch.entries))
+            self._settle(batch)
             if self.on_rejected is not None:
                 self.on_rejected(frame.message, len(batch.entries))
             else:
@@ -325,9 +339,13 @@ class Producer:
         batch.sent = False
         asyncio.get_running_loop().call_later(1.0, self._send_unsent)
 
-    def _settle(self, count: int) -> None:
-        self._unacked_events -= count
-        if self._unacked_events < self.max_unacked_events:
+    def _settle(self, batch: _Batch) -> None:
+        self._unacked_events -= len(batch.entries)
+        self._unacked_bytes -= batch.size_bytes
+        if (
+            self._unacked_events < self.max_unacked_events
+            and self._unacked_bytes < self.max_unacked_bytes
+        ):
             self._capacity.set()
         if self._unacked_events == 0:
             self._all_acked.set()
@@ -395,6 +413,8 @@ class Consumer:
         self._frames: collections.deque[tuple[int, protocol.Deliver]] = collections.deque()
         self._frame_ready = asyncio.Event()
         self._epoch = 0
+        self._processing_epoch = 0
+        self.failed_error = False
         self._connection: FrameConnection | None = None
         self._heartbeat_ms = 1000
         self._leaving = False
@@ -498,13 +518,28 @@ class Consumer:
             if epoch != self._epoch:
                 continue
             batch = list(records.decode(frame.records, verify=False))
-            await self.process(frame.partition, batch)
+            self._processing_epoch = epoch
+            try:
+                await self.process(frame.partition, batch)
+            except Exception:
+                # Not a handler failure (those are retried inside `process`), so the
+                # shard cannot go on: stop, and let the supervisor restart it.
+                logger.exception("member=%s failed processing a batch; stopping", self.member)
+                self.failed_error = True
+                self.stop()
+                return
             if epoch != self._epoch:
                 continue
             if batch:
                 pending_acks[frame.partition] = batch[-1].offset + 1
             if len(pending_acks) >= 8:
                 self._flush_acks(pending_acks)
+
+    def superseded(self) -> bool:
+        """Return True when the batch being processed came on a connection now closed."""
+        return self._processing_epoch != self._epoch or (
+            self._connection is not None and self._connection.is_closed
+        )
 
     def _flush_acks(self, pending: dict[int, int]) -> None:
         if pending and self._connection is not None:
@@ -533,7 +568,9 @@ class Consumer:
         connection.send(protocol.encode(protocol.Leave()))
         self._frame_ready.set()
         try:
-            await asyncio.wait_for(connection.closed, timeout_s)
+            # shield: on timeout wait_for cancels what it waits on, and the session
+            # loop waits on the same future.
+            await asyncio.wait_for(asyncio.shield(connection.closed), timeout_s)
         except TimeoutError:
             self.stop()
             return False

@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,10 @@ LONG_NUMBER = re.compile(rb"\d{19}")
 
 class InvalidEvent(Exception):
     """An input line or event that cannot be published."""
+
+
+class InputError(Exception):
+    """An input file that cannot be read any further."""
 
 
 def key_path(spec: str | None) -> list[list[str]]:
@@ -72,7 +77,13 @@ _MISSING = object()
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "object", list: "array"}.get(type(value), type(value).__name__)
+    """Return the JSON name of a parsed value's type, e.g. "null" or "array"."""
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return names.get(type(value), type(value).__name__)
 
 
 def parse_line(line: bytes) -> tuple[dict[str, Any], bytes]:
@@ -153,12 +164,22 @@ def open_source(path: str) -> IO[bytes]:
     return open(file_path, "rb")  # noqa: SIM115
 
 
-def read_lines(source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, line) for each non-blank line, CRLF or LF terminated."""
-    for number, raw in enumerate(source, start=1):
-        line = raw.rstrip(b"\r\n")
-        if line.strip():
-            yield number, line
+def read_lines(source: IO[bytes], name: str = "input") -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, line) for each non-blank line, CRLF or LF terminated.
+
+    Raises InputError when the source cannot be read, e.g. a .gz file that is not
+    gzip or is truncated.
+    """
+    number = 0
+    try:
+        for number, raw in enumerate(source, start=1):  # noqa: B007 - used after the loop
+            line = raw.rstrip(b"\r\n")
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte order mark is not part of the JSON
+            if line.strip():
+                yield number, line
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"cannot read {name} after line {number}: {exc}") from exc
 
 
 # The RFC 9562 variant nibble (binary 10xx) for each random hex digit.

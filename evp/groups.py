@@ -276,21 +276,25 @@ class Group:
     def skip_deleted(self, partition: int, start_offset: int, dispatch: bool = True) -> int:
         """Move a cursor that points before `start_offset` (deleted data) up to it.
 
-        Returns the number of unacknowledged events that were deleted, which are
+        Events already sent to the owner stay its own: they are neither written off nor
+        handed to another member before it acknowledges them, so per-key order holds.
+        Only events never sent are skipped. Returns how many were skipped, which are
         counted in `lost_to_retention` and logged.
         """
         cursor = self.cursors[partition]
-        if cursor.committed >= start_offset:
+        if cursor.committed >= start_offset or cursor.delivered >= start_offset:
             return 0
-        lost = start_offset - cursor.committed
+        lost = start_offset - cursor.delivered
         owner = cursor.owner
-        skipped_in_flight = min(cursor.delivered, start_offset) - cursor.committed
-        if owner is not None:
-            owner.in_flight -= skipped_in_flight
-        cursor.committed = start_offset
-        cursor.delivered = max(cursor.delivered, start_offset)
+        if owner is not None and cursor.delivered > cursor.committed:
+            # The owner's next cumulative ACK covers the skipped offsets too, so they
+            # count as in flight until then.
+            owner.in_flight += lost
+            cursor.delivered = start_offset
+        else:
+            cursor.committed = cursor.delivered = start_offset
+            self.dirty = True
         self.lost_to_retention += lost
-        self.dirty = True
         logger.warning(
             "group=%s topic=%s partition=%d lost %d unacknowledged events to retention; "
             "it continues from offset %d",
@@ -355,7 +359,7 @@ class Group:
                 log = logs[partition]
                 if cursor.blocked:
                     continue
-                if cursor.committed < log.start_offset:
+                if cursor.delivered < log.start_offset:
                     self.skip_deleted(partition, log.start_offset, dispatch=False)
                 available = log.next_offset - cursor.delivered
                 if available <= 0:

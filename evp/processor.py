@@ -46,6 +46,9 @@ RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 30.0
 HANDLER_ATTEMPTS = 3
 STATUS_INTERVAL_S = 1.0
+# The longest a shard runs handlers without letting its event loop send heartbeats and
+# read frames.
+YIELD_INTERVAL_S = 0.1
 LATENCY_WINDOW_S = 30.0
 # Exit code of a shard that cannot start (bad handler, unusable output directory).
 STARTUP_FAILED = 3
@@ -103,6 +106,26 @@ def load_handler(spec: str) -> Callable[[Any], Any]:
     return function
 
 
+def _encode_results(result: Any) -> list[bytes]:
+    """Encode a handler's result: None, an event (dict) or a list of events.
+
+    Raises TypeError for anything else, so a wrong result counts as a failure of the
+    handler instead of a silent, malformed output line.
+    """
+    if result is None:
+        return []
+    items = result if isinstance(result, list) else [result]
+    encoded = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise TypeError(
+                f"handler returned a {type(item).__name__}; return None, an event (dict) "
+                f"or a list of events"
+            )
+        encoded.append(orjson.dumps(item))
+    return encoded
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM to this process when its parent exits."""
     try:
@@ -153,7 +176,19 @@ class Shard:
     async def process(self, partition: int, batch: list[records.Record]) -> None:
         lines: list[bytes] = []
         prefix = self._line_prefix + b',"partition":' + str(partition).encode()
-        for record in batch:
+        last_yield = time.monotonic()
+        for index, record in enumerate(batch):
+            now = time.monotonic()
+            if now - last_yield > YIELD_INTERVAL_S:
+                # A slow sync handler would otherwise hold the event loop for the whole
+                # batch, so no heartbeat goes out and the queue declares the shard dead.
+                await asyncio.sleep(0)
+                last_yield = time.monotonic()
+                if self.consumer.superseded():
+                    # The connection this batch came on is gone: the queue sends these
+                    # events again, possibly to another shard, so stop here.
+                    batch = batch[:index]
+                    break
             if self.handler is None:
                 results: list[bytes] = [record.value]
             else:
@@ -171,6 +206,8 @@ class Shard:
                     lines.append(head + value + b"}\n")
             self.emitted += len(results)
         self.processed += len(batch)
+        if not batch:
+            return
         if self.output is not None and lines:
             self.output.write(b"".join(lines))
         # Latency from publish to the end of processing. The publisher's clock sets the
@@ -211,8 +248,11 @@ class Shard:
                 result = self.handler(event)
                 if self.is_async or inspect.isawaitable(result):
                     result = await result
+                encoded = _encode_results(result)
                 break
-            except Exception as exc:  # noqa: BLE001 - any handler failure is retried
+            # Any failure of the user's code is retried, including SystemExit and
+            # KeyboardInterrupt raised by it, and a result that is not JSON events.
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
                 self.retrying = {
                     "partition": partition,
                     "offset": record.offset,
@@ -237,11 +277,7 @@ class Shard:
                     return []
                 await asyncio.sleep(0.1 * 2 ** (attempt - 1))
         self.retrying = None
-        if result is None:
-            return []
-        if isinstance(result, list):
-            return [orjson.dumps(item) for item in result]
-        return [orjson.dumps(result)]
+        return encoded
 
     def _report(self) -> None:
         if self.status is None:
@@ -288,9 +324,12 @@ class Shard:
                 await consume
             elif consume.done():
                 consume.result()
+            if self.consumer.failed_error:
+                exit_code = 1
         except ServerError as exc:
             logger.error("member=%s stopped: %s", self.member, exc)
-            exit_code = 2
+            # A wrong token or name fails the same way on every restart.
+            exit_code = STARTUP_FAILED
         finally:
             drain_wait.cancel()
             reporter.cancel()

@@ -51,11 +51,12 @@ class PublishReport:
     unacked: int = 0
     elapsed_s: float = 0.0
     max_behind_s: float = 0.0
+    input_error: str | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.unacked == 0 and self.rejected == 0
+        return self.unacked == 0 and self.rejected == 0 and self.input_error is None
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _from_file(
     source = events.open_source(config.file)
     name = "stdin" if config.file == "-" else config.file
     try:
-        for number, line in events.read_lines(source):
+        for number, line in events.read_lines(source, name):
             report.read += 1
             try:
                 event, value = events.parse_line(line)
@@ -190,12 +191,23 @@ async def publish(
                 except StopIteration:
                     exhausted = True
                     break
+                except events.InputError as exc:
+                    # What was read before stays published; the caller reports the rest.
+                    report.input_error = str(exc)
+                    exhausted = True
+                    break
                 if max_event_bytes and len(value) > max_event_bytes:
                     report.rejected += 1
-                    report.errors.append(
-                        f"event {report.read or sent + 1} is {len(value)} bytes, over the "
-                        f"queue's limit of {max_event_bytes} bytes; it was not sent"
+                    where = f"line {report.read}" if config.file else f"event {sent + 1}"
+                    message = (
+                        f"{where}: rejected: the event is {len(value)} bytes, over the "
+                        f"queue's limit of {max_event_bytes} bytes (--max-event-bytes)"
                     )
+                    report.errors.append(message)
+                    if on_invalid_line is not None:
+                        on_invalid_line(message)
+                    else:
+                        logger.error("%s", message)
                     continue
                 producer.publish(config.topic, key, value)
                 sent += 1

@@ -42,9 +42,8 @@ logger = logging.getLogger("evp.server")
 
 FSYNC_POLICIES = ("always", "batch", "never")
 
-# Pause reading from a publisher while this many bytes of its acknowledgements wait to
-# be sent, and stop delivering to a consumer while its send buffer is above the high
-# mark. asyncio's own default high-water mark is 64 KiB; a DELIVER frame can be up to
+# Stop reading a client's requests and stop delivering to it while this many bytes
+# wait in its send buffer, until the buffer drains below the low mark. asyncio's own default high-water mark is 64 KiB; a DELIVER frame can be up to
 # 1 MiB, so the marks are set higher to keep a frame or two queued per connection.
 WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
 WRITE_LOW_WATER_BYTES = 1024 * 1024
@@ -184,32 +183,54 @@ class QueueServer:
         self._sync_wakeup.set()
 
     async def _group_commit(self) -> None:
-        """Under `--fsync always`, fsync dirty logs and then acknowledge the waiters."""
+        """Under `--fsync always`, fsync dirty logs and then acknowledge the waiters.
+
+        A failed fsync means the batches may not be on disk, so their publishers get a
+        storage error instead of an acknowledgement and send them again.
+        """
         while True:
             await self._sync_wakeup.wait()
             self._sync_wakeup.clear()
             waiters, self._sync_waiters = self._sync_waiters, []
-            await asyncio.to_thread(self._sync_dirty)
+            try:
+                await asyncio.to_thread(self._sync_logs, self._dirty_logs())
+            except Exception as exc:  # the task must outlive any failure
+                logger.error("fsync failed; %d batches not acknowledged: %s", len(waiters), exc)
+                for connection, seq, _ in waiters:
+                    connection.send_error(
+                        "storage_error",
+                        f"the queue could not fsync the batch ({exc}); retry later",
+                        seq=seq,
+                        fatal=False,
+                    )
+                continue
             for connection, seq, count in waiters:
                 connection.send(protocol.encode(protocol.Published(seq, count)))
 
     def _dirty_logs(self) -> list[Any]:
+        """List the logs with unsynced appends; call it on the event loop's thread."""
         return [log for topic in self.store.topics.values() for log in topic.logs if log.dirty]
 
-    def _sync_dirty(self, logs: list[Any] | None = None) -> None:
-        for log in logs if logs is not None else self._dirty_logs():
-            log.sync()
+    @staticmethod
+    def _sync_logs(logs: list[Any]) -> None:
+        for log in logs:
+            try:
+                log.sync()
+            except ValueError:
+                # The log was closed, e.g. its topic deleted, after the list was made.
+                continue
 
     async def _periodic_sync(self) -> None:
         interval = self.config.fsync_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
             dirty = self._dirty_logs()
-            if dirty:
-                try:
-                    await asyncio.to_thread(self._sync_dirty, dirty)
-                except OSError as exc:
-                    logger.error("periodic fsync failed: %s", exc)
+            if not dirty:
+                continue
+            try:
+                await asyncio.to_thread(self._sync_logs, dirty)
+            except Exception as exc:  # the task must outlive any failure
+                logger.error("periodic fsync of %d logs failed: %s", len(dirty), exc)
 
     async def _save_offsets(self) -> None:
         interval = self.config.commit_interval_ms / 1000
@@ -238,56 +259,68 @@ class QueueServer:
             try:
                 retention.apply_retention(self, self.default_retention)
                 retention.apply_disk_limits(self, self.disk_limits)
-            except OSError as exc:
-                logger.error("retention failed: %s", exc)
+            except Exception:  # the task must outlive any failure
+                logger.exception("retention failed")
 
     async def _reap_members(self) -> None:
         """Declare dead every member that has sent nothing for the session timeout."""
         timeout_s = self.config.session_timeout_ms / 1000
         while True:
             await asyncio.sleep(min(1.0, timeout_s / 4))
-            now = time.monotonic()
-            for group in list(self.groups.values()):
-                for member in list(group.members.values()):
-                    silent_s = now - member.last_seen
-                    if silent_s > timeout_s:
-                        logger.warning(
-                            "member=%s of group=%s sent nothing for %.1f s (session timeout "
-                            "%.1f s); declaring it dead",
-                            member.id,
-                            group.name,
-                            silent_s,
-                            timeout_s,
-                        )
-                        group.remove(member, reason="session timeout")
+            try:
+                self._reap_silent(timeout_s)
+            except Exception:  # the task must outlive any failure
+                logger.exception("declaring silent members dead failed")
+
+    def _reap_silent(self, timeout_s: float) -> None:
+        now = time.monotonic()
+        for group in list(self.groups.values()):
+            for member in list(group.members.values()):
+                silent_s = now - member.last_seen
+                if silent_s > timeout_s:
+                    logger.warning(
+                        "member=%s of group=%s sent nothing for %.1f s (session timeout "
+                        "%.1f s); declaring it dead",
+                        member.id,
+                        group.name,
+                        silent_s,
+                        timeout_s,
+                    )
+                    group.remove(member, reason="session timeout")
 
     async def _health(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            snapshot = self.snapshot()
-            groups = snapshot["groups"]
-            logger.info(
-                "health connections=%d topics=%d events_stored=%d events_in_per_s=%.0f "
-                "groups=%d members=%d acked_per_s=%.0f lag=%d lag_seconds=%.1f",
-                len(self.connections),
-                len(snapshot["topics"]),
-                sum(topic["events"] for topic in snapshot["topics"]),
-                sum(topic["events_in_per_s"] for topic in snapshot["topics"]),
-                len(groups),
-                sum(len(group["members"]) for group in groups),
-                sum(group["acked_per_s"] for group in groups),
-                sum(group["lag"] for group in groups),
-                max((group["lag_seconds"] for group in groups), default=0.0),
-            )
-            for group in groups:
-                if group["stall"]:
-                    logger.warning(
-                        "group=%s topic=%s is stalled with lag=%d: %s",
-                        group["group"],
-                        group["topic"],
-                        group["lag"],
-                        group["stall"],
-                    )
+            try:
+                self._log_health()
+            except Exception:  # the task must outlive any failure
+                logger.exception("logging the health line failed")
+
+    def _log_health(self) -> None:
+        snapshot = self.snapshot()
+        groups = snapshot["groups"]
+        logger.info(
+            "health connections=%d topics=%d events_stored=%d events_in_per_s=%.0f "
+            "groups=%d members=%d acked_per_s=%.0f lag=%d lag_seconds=%.1f",
+            len(self.connections),
+            len(snapshot["topics"]),
+            sum(topic["events"] for topic in snapshot["topics"]),
+            sum(topic["events_in_per_s"] for topic in snapshot["topics"]),
+            len(groups),
+            sum(len(group["members"]) for group in groups),
+            sum(group["acked_per_s"] for group in groups),
+            sum(group["lag"] for group in groups),
+            max((group["lag_seconds"] for group in groups), default=0.0),
+        )
+        for group in groups:
+            if group["stall"]:
+                logger.warning(
+                    "group=%s topic=%s is stalled with lag=%d: %s",
+                    group["group"],
+                    group["topic"],
+                    group["lag"],
+                    group["stall"],
+                )
 
     # Statistics.
 
@@ -375,7 +408,7 @@ class QueueServer:
         for group in self.groups.values():
             group.dirty = True
         await self._save_dirty_groups()
-        self._sync_dirty([log for topic in self.store.topics.values() for log in topic.logs])
+        self._sync_logs([log for topic in self.store.topics.values() for log in topic.logs])
         self.store.close()
         logger.info("queue stopped")
 
@@ -450,10 +483,16 @@ class ServerConnection(asyncio.Protocol):
         logger.debug("connection from %s closed", self.peer)
 
     def pause_writing(self) -> None:
+        # A client that does not read its responses (PUBLISHED, PONG, STATS) would make
+        # the send buffer grow without bound, so stop reading its requests too.
         self._paused_writing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
         if self.member is not None and self.group is not None:
             self.group.dispatch(self.member)
 
@@ -622,6 +661,26 @@ class ServerConnection(asyncio.Protocol):
             return
         max_in_flight = min(max(1, frame.max_in_flight), self.server.config.max_in_flight)
         group = self.server.group(frame.topic, frame.group)
+        existing = group.members.get(frame.member)
+        live_s = 3 * self.server.config.heartbeat_interval_ms / 1000
+        if existing is not None and time.monotonic() - existing.last_seen < live_s:
+            # Two processors with the same --node would otherwise replace each other
+            # on every reconnect. A restarted shard whose old connection is dead gets
+            # in once that connection closes or goes silent.
+            peer = getattr(existing.connection, "peer", "?")
+            logger.warning(
+                "rejected JOIN of member=%s from %s: the id is in use by a live connection from %s",
+                frame.member,
+                self.peer,
+                peer,
+            )
+            self.send_error(
+                "member_id_in_use",
+                f"member id {frame.member!r} is in use by a live connection from {peer}; "
+                f"give each processor on one host its own --node",
+            )
+            self.close("member id in use")
+            return
         self.member = Member(frame.member, self, max_in_flight)
         self.group = group
         group.join(self.member)

@@ -19,6 +19,7 @@ what the group acknowledged in one interval.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -154,7 +155,31 @@ class Store:
             (data_dir / "groups").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create data directory {data_dir}: {exc}") from exc
+        self._lock_fd = self._lock(data_dir)
         self._open_existing()
+
+    @staticmethod
+    def _lock(data_dir: Path) -> int:
+        """Take an exclusive lock on the data directory, held until the process exits.
+
+        Two queues appending to the same segment files would overwrite each other's
+        acknowledged events. The kernel drops the lock when the process dies, even by
+        kill -9, so a stale lock file never blocks a restart.
+        """
+        path = data_dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StorageError(
+                f"data directory {data_dir} is in use by another evp queue (pid {owner}); "
+                f"stop it or choose another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def _open_existing(self) -> None:
         for entry in sorted((self.data_dir / "topics").iterdir()):
@@ -249,3 +274,4 @@ class Store:
     def close(self) -> None:
         for topic in self.topics.values():
             topic.close()
+        os.close(self._lock_fd)

@@ -6,6 +6,7 @@ Each runs inside a shard process, so it may only depend on the event it is given
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 # The processing delay of `slow`. 20 ms per event keeps a shard busy long enough for a
@@ -57,4 +58,17 @@ async def poison_slowly(event: dict[str, Any]) -> dict[str, Any]:
     if event.get("poison"):
         await asyncio.sleep(POISON_DELAY_S)
         raise PoisonError(f"event {event.get('id')} is poison")
+    return event
+
+
+def sleepy_sync(event: dict[str, Any]) -> dict[str, Any]:
+    """Block the shard's event loop for 20 ms per event, like a slow synchronous call."""
+    time.sleep(0.02)
+    return event
+
+
+def returns_set(event: dict[str, Any]) -> Any:
+    """Return a value that is not an event for events marked "bad"."""
+    if event.get("bad"):
+        return {1, 2}
     return event

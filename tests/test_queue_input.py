@@ -331,7 +331,7 @@ INVALID_EVENTS = {
     "invalid-json": ((b"k", b'{"a":'), "invalid JSON"),
     "empty-value": ((b"k", b""), "invalid JSON"),
     "json-array": ((b"k", b"[1,2]"), "a JSON array, not an object"),
-    "json-string": ((b"k", b'"text"'), "a JSON str, not an object"),
+    "json-string": ((b"k", b'"text"'), "a JSON string, not an object"),
     "nan": ((b"k", b'{"a":NaN}'), "NaN is not valid JSON"),
     "infinity": ((b"k", b'{"a":-Infinity}'), "-Infinity is not valid JSON"),
     "over-max-event-bytes": (
