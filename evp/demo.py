@@ -156,6 +156,7 @@ def run(shards: int, count: int, rate: float, partitions: int, keep: bool) -> in
         stored = sum(topic["events"] for topic in snapshot["topics"])
         result = check_outputs(workdir / "out")
         lost = stored - int(result["distinct"])  # type: ignore[arg-type]
+        console.print()  # off a terminal, the live view's last frame ends without a newline
         table = Table(title="evp demo summary", title_justify="left")
         table.add_column("measure")
         table.add_column("value", justify="right")
