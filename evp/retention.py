@@ -10,7 +10,7 @@ Rules:
 - A segment past retention that some group has not acknowledged to its end is kept.
 - The queue's hard limits override that: above `max_disk_bytes` in all, or below
   `min_free_disk_bytes` free on the data directory's file system, the oldest sealed
-  segments go whoever needs them. Each group whose unacknowledged events went with
+  segments are deleted even when a group still needs them. Each group whose unacknowledged events went with
   them gets a warning and a `lost_to_retention` count, and continues from the first
   retained offset.
 """

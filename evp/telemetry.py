@@ -1,9 +1,10 @@
 """The queue's statistics: the snapshot behind `evp stats` and the Prometheus metrics.
 
 Hot paths only increment integers. Once a second the queue's event loop calls
-`Telemetry.sample`, which turns counters into per-second rates with a short history,
-finds hot keys and builds the snapshot; `evp stats` and `/metrics` read the latest
-snapshot, so a scrape never walks the queue's live state from another thread.
+`Telemetry.sample`, which turns counters into per-second rates with a short history and
+finds hot keys. `/metrics` reads the snapshot built by that sample, so a scrape from
+the metrics thread never walks the queue's live state. `evp stats` gets a snapshot
+built on request, with current counts and the sampled rates.
 docs/stats.md lists the snapshot's fields.
 """
 
@@ -33,11 +34,11 @@ HOT_KEY_SHARE = 0.2
 HOT_KEY_MIN_EVENTS = 20
 HOT_KEYS_REPORTED = 5
 # Distinct keys counted per topic and interval. Past this, only keys already counted
-# are updated, which bounds memory when a topic has millions of keys; a key that
+# are updated, which bounds memory when a topic has millions of keys. A key that
 # becomes hot late in an interval is then found in the next one.
 MAX_KEYS_COUNTED = 10_000
-# A member that sent nothing for this many heartbeat intervals is reported as not
-# answering heartbeats (it is declared dead later, at the session timeout).
+# A member that sent nothing for this many heartbeat intervals is reported as missing
+# its heartbeats. It is declared dead later, at the session timeout.
 HEARTBEAT_MISSED_INTERVALS = 3
 
 
