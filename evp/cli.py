@@ -45,6 +45,15 @@ Token = Annotated[
         show_default=False,
     ),
 ]
+TlsCa = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="EVP_TLS_CA",
+        help="Connect with TLS, trusting the CA certificates in this PEM file.",
+        show_default=False,
+    ),
+]
 Topic = Annotated[str, typer.Option("--topic", envvar="EVP_TOPIC", help="Topic name.")]
 LogLevel = Annotated[
     str,
@@ -120,6 +129,8 @@ def queue(
     min_free_disk_bytes: Annotated[int, typer.Option(envvar="EVP_MIN_FREE_DISK_BYTES", min=0, help="Hard floor of free space on the data directory's file system, in bytes; enforced like --max-disk-bytes.")] = 256 * 1024 * 1024,
     metrics_port: Annotated[int | None, typer.Option(envvar="EVP_METRICS_PORT", min=0, max=65535, help="Serve Prometheus metrics at /metrics on this TCP port, on the --host address.", show_default=False)] = None,
     token: Token = None,
+    tls_cert: Annotated[str | None, typer.Option(envvar="EVP_TLS_CERT", help="Serve TLS with this PEM certificate chain (with --tls-key).", show_default=False)] = None,
+    tls_key: Annotated[str | None, typer.Option(envvar="EVP_TLS_KEY", help="PEM private key of --tls-cert.", show_default=False)] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the queue server: store events durably and hand them to shards."""
@@ -150,11 +161,13 @@ def queue(
         retention_bytes=retention_bytes,
         max_disk_bytes=max_disk_bytes,
         min_free_disk_bytes=min_free_disk_bytes,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         token=token,
     )
     try:
         server.run(config)
-    except StorageError as exc:
+    except (StorageError, ValueError) as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
@@ -172,26 +185,29 @@ def process(
     max_in_flight: Annotated[int, typer.Option(envvar="EVP_MAX_IN_FLIGHT", min=1, help="Unacknowledged events each shard accepts at once.")] = 1000,
     drain_timeout: Annotated[float, typer.Option(envvar="EVP_DRAIN_TIMEOUT", min=0, help="Seconds a shard may take to finish its events on shutdown.")] = 30.0,
     token: Token = None,
+    tls_ca: TlsCa = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run shard worker processes that process events with a handler."""
     from evp import processor
-    from evp.client import parse_address
+    from evp.client import ClientError, configure_tls, parse_address
     from evp.storage import StorageError, check_name
 
     _setup_logging(log_level)
     try:
         parse_address(queue)
+        configure_tls(tls_ca)
         check_name("topic", topic)
         check_name("group", group)
         if handler:
             processor.load_handler(handler)
         if output is not None:
             _check_output_dir(output)
-    except (ValueError, StorageError, processor.HandlerError) as exc:
+    except (ValueError, StorageError, ClientError, processor.HandlerError) as exc:
         _fail(str(exc))
     config = processor.ProcessorConfig(
         queue=queue,
+        tls_ca=tls_ca,
         shards=shards,
         group=group,
         topic=topic,
@@ -223,16 +239,18 @@ def publish(
     key_field: Annotated[str | None, typer.Option(envvar="EVP_KEY_FIELD", help="Dotted path of the key in each event, e.g. repo.name; default partitionkey, then id.", show_default=False)] = None,
     keys: Annotated[int, typer.Option(envvar="EVP_KEYS", min=1, help="Distinct user ids (keys) of generated events.")] = 1000,
     token: Token = None,
+    tls_ca: TlsCa = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Publish generated events, or JSON lines from a file or stdin, at a held rate."""
     from evp import events, publisher
-    from evp.client import ClientError, parse_address
+    from evp.client import ClientError, configure_tls, parse_address
     from evp.storage import StorageError, check_name
 
     _setup_logging(log_level)
     try:
         parse_address(queue)
+        configure_tls(tls_ca)
         check_name("topic", topic)
         events.key_path(key_field)
         if not math.isfinite(rate):
@@ -242,7 +260,7 @@ def publish(
                 raise ValueError(f"input file {file!r} is a directory; give a JSON-lines file")
             if not Path(file).is_file():
                 raise ValueError(f"input file {file!r} not found")
-    except (ValueError, StorageError) as exc:
+    except (ValueError, StorageError, ClientError) as exc:
         _fail(str(exc))
     config = publisher.PublishConfig(
         queue=queue,
@@ -306,14 +324,16 @@ def stats(
     plain: Annotated[bool, typer.Option("--plain", envvar="EVP_STATS_PLAIN", help="Print one plain line per interval (the default when stdout is not a terminal).")] = False,
     interval: Annotated[float, typer.Option(envvar="EVP_STATS_INTERVAL", min=0.1, help="Seconds between refreshes.")] = 1.0,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Show the queue's throughput, lag and shards, live."""
     from evp import stats as stats_view
-    from evp.client import ClientError, parse_address
+    from evp.client import ClientError, configure_tls, parse_address
 
     try:
         parse_address(queue)
-    except ValueError as exc:
+        configure_tls(tls_ca)
+    except (ValueError, ClientError) as exc:
         _fail(str(exc))
     import uvloop
 

@@ -23,18 +23,25 @@ Token = Annotated[
     str | None,
     typer.Option("--token", envvar="EVP_TOKEN", help="Shared secret the queue requires; never logged.", show_default=False),
 ]
+TlsCa = Annotated[
+    str | None,
+    typer.Option("--tls-ca", envvar="EVP_TLS_CA", help="Connect with TLS, trusting the CA certificates in this PEM file.", show_default=False),
+]
 JsonOutput = Annotated[
     bool, typer.Option("--json", envvar="EVP_JSON", help="Print the result as JSON.")
 ]
 
 
-def _request(queue: str, operation: str, args: dict[str, Any], token: str | None) -> Any:
+def _request(
+    queue: str, operation: str, args: dict[str, Any], token: str | None, tls_ca: str | None
+) -> Any:
     import uvloop
 
-    from evp.client import ClientError, admin_request, parse_address
+    from evp.client import ClientError, admin_request, configure_tls, parse_address
 
     try:
         parse_address(queue)
+        configure_tls(tls_ca)
         return uvloop.run(admin_request(queue, operation, args, token=token))
     except (ValueError, ClientError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -64,9 +71,14 @@ def _retention_text(retention: dict[str, Any]) -> str:
 
 
 @topics_app.command("list")
-def topics_list(queue: QueueAddress = "127.0.0.1:8000", json_output: JsonOutput = False, token: Token = None) -> None:
+def topics_list(
+    queue: QueueAddress = "127.0.0.1:8000",
+    json_output: JsonOutput = False,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+) -> None:
     """List topics: partitions, events, bytes on disk, oldest and newest event, groups."""
-    rows = _request(queue, "topics.list", {}, token)
+    rows = _request(queue, "topics.list", {}, token, tls_ca)
     if json_output:
         _print_json(rows)
         return
@@ -93,9 +105,10 @@ def topics_describe(
     queue: QueueAddress = "127.0.0.1:8000",
     json_output: JsonOutput = False,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Show a topic's partitions (offsets, bytes, segments) and its groups' positions and lag."""
-    result = _request(queue, "topics.describe", {"name": name}, token)
+    result = _request(queue, "topics.describe", {"name": name}, token, tls_ca)
     if json_output:
         _print_json(result)
         return
@@ -129,6 +142,7 @@ def topics_create(
     retention_bytes: Annotated[int | None, typer.Option(min=0, help="Keep at most about this many bytes per partition.", show_default=False)] = None,
     queue: QueueAddress = "127.0.0.1:8000",
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Create a topic with a partition count and retention of its own."""
     args = {
@@ -137,7 +151,7 @@ def topics_create(
         "retention_hours": retention_hours,
         "retention_bytes": retention_bytes,
     }
-    result = _request(queue, "topics.create", args, token)
+    result = _request(queue, "topics.create", args, token, tls_ca)
     typer.echo(f"created topic {result['name']} with {len(result['partitions'])} partitions")
 
 
@@ -147,6 +161,7 @@ def topics_delete(
     yes: Annotated[bool, typer.Option("--yes", help="Delete without asking for confirmation.")] = False,
     queue: QueueAddress = "127.0.0.1:8000",
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Delete a topic, its events and its groups' positions."""
     if not yes:
@@ -154,7 +169,7 @@ def topics_delete(
             typer.echo(f"error: deleting topic {name!r} needs confirmation; pass --yes", err=True)
             raise typer.Exit(2)
         typer.confirm(f"Delete topic {name!r} with all its events and group positions?", abort=True)
-    result = _request(queue, "topics.delete", {"name": name}, token)
+    result = _request(queue, "topics.delete", {"name": name}, token, tls_ca)
     groups = ", ".join(result["groups"]) or "none"
     typer.echo(f"deleted topic {result['deleted']} (groups removed: {groups})")
 
@@ -166,12 +181,13 @@ def groups_list(
     queue: QueueAddress = "127.0.0.1:8000",
     json_output: JsonOutput = False,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """List consumer groups, with or without members: positions, lag and losses."""
     if ctx.invoked_subcommand is not None:
         return
     args = {"topic": topic} if topic else {}
-    rows = _request(queue, "groups.list", args, token)
+    rows = _request(queue, "groups.list", args, token, tls_ca)
     if json_output:
         _print_json(rows)
         return
@@ -196,7 +212,8 @@ def groups_delete(
     topic: Annotated[str, typer.Option("--topic", envvar="EVP_TOPIC", help="Topic of the group.")] = "events",
     queue: QueueAddress = "127.0.0.1:8000",
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Delete a group's positions; its processors must be stopped."""
-    result = _request(queue, "groups.delete", {"topic": topic, "group": group}, token)
+    result = _request(queue, "groups.delete", {"topic": topic, "group": group}, token, tls_ca)
     typer.echo(f"deleted group {result['deleted']} of topic {result['topic']}")

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -100,6 +101,26 @@ class FrameConnection(asyncio.Protocol):
             self.transport.close()
 
 
+_default_tls: ssl.SSLContext | None = None
+
+
+def configure_tls(ca_file: str | None) -> None:
+    """Make every later connection of this process use TLS, trusting `ca_file`.
+
+    The CLI calls it once per process from `--tls-ca`; library users can pass `tls=`
+    to `connect` instead. The queue's certificate must name the host of the address
+    the client connects to (an IP address SAN for 127.0.0.1).
+    """
+    global _default_tls
+    if ca_file is None:
+        _default_tls = None
+        return
+    try:
+        _default_tls = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientError(f"cannot load the CA certificates in --tls-ca {ca_file!r}: {exc}") from exc
+
+
 async def connect(
     address: str,
     on_frame: Callable[[protocol.Frame], None],
@@ -107,9 +128,11 @@ async def connect(
     token: str | None = None,
     producer_id: str | None = None,
     timeout_s: float = 10.0,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[FrameConnection, protocol.Welcome]:
     """Open a connection and complete the handshake. Frames after WELCOME go to `on_frame`."""
     host, port = parse_address(address)
+    tls = tls or _default_tls
     loop = asyncio.get_running_loop()
     welcome: asyncio.Future[protocol.Frame] = loop.create_future()
 
@@ -122,10 +145,19 @@ async def connect(
     try:
         _, connection = await asyncio.wait_for(
             loop.create_connection(
-                lambda: FrameConnection(first_frame, protocol.DEFAULT_MAX_FRAME_BYTES), host, port
+                lambda: FrameConnection(first_frame, protocol.DEFAULT_MAX_FRAME_BYTES),
+                host,
+                port,
+                ssl=tls,
+                server_hostname=host if tls is not None else None,
             ),
             timeout_s,
         )
+    except ssl.SSLError as exc:
+        raise ClientError(
+            f"TLS handshake with the queue at {address} failed: {exc.reason or exc}; check "
+            f"--tls-ca and that the queue runs with --tls-cert"
+        ) from exc
     except (OSError, TimeoutError) as exc:
         raise ClientError(f"cannot connect to the queue at {address}: {exc}") from exc
     connection.send(

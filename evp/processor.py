@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from evp import protocol, records
-from evp.client import Consumer, ServerError
+from evp.client import ClientError, Consumer, ServerError, configure_tls
 from evp.metrics import LatencyHistogram
 
 logger = logging.getLogger("evp.processor")
@@ -70,6 +70,7 @@ class ProcessorConfig:
     max_in_flight: int = 1000
     drain_timeout_s: float = 30.0
     token: str | None = None
+    tls_ca: str | None = None
     log_level: str = "INFO"
 
 
@@ -352,8 +353,9 @@ def shard_main(config: ProcessorConfig, index: int, status: Any, parent_pid: int
     import uvloop
 
     try:
+        configure_tls(config.tls_ca)
         shard = Shard(config, index, status)
-    except (HandlerError, OSError) as exc:
+    except (HandlerError, OSError, ClientError) as exc:
         # A failure that a restart cannot fix: the supervisor does not restart on 3.
         logger.error("shard-%d cannot start: %s", index, exc)
         sys.exit(STARTUP_FAILED)

@@ -25,6 +25,7 @@ import hmac
 import logging
 import os
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class QueueConfig:
     token: str | None = None
     health_interval_s: float = 10.0
     metrics_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     retention_hours: float | None = None
     retention_bytes: int | None = None
     max_disk_bytes: int | None = None
@@ -344,7 +347,11 @@ class QueueServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ServerConnection(self), self.config.host, self.config.port, reuse_address=True
+            lambda: ServerConnection(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            ssl=self._tls_context(),
         )
         port = self._server.sockets[0].getsockname()[1]
         self.config.port = port
@@ -361,9 +368,10 @@ class QueueServer:
         if self.config.metrics_port is not None:
             self._start_metrics()
         logger.info(
-            "queue listening on %s:%d data_dir=%s partitions=%d fsync=%s version=%s",
+            "queue listening on %s:%d tls=%s data_dir=%s partitions=%d fsync=%s version=%s",
             self.config.host,
             port,
+            "on" if self.config.tls_cert else "off",
             self.config.data_dir,
             self.config.partitions,
             self.config.fsync,
@@ -375,6 +383,19 @@ class QueueServer:
                 "publish and consume; set --token or EVP_TOKEN",
                 self.config.host,
             )
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load --tls-cert {cert!r} with --tls-key {key!r}: {exc}") from exc
+        return context
 
     def _start_metrics(self) -> None:
         """Serve Prometheus metrics at /metrics on the queue's host, in a thread."""
