@@ -148,6 +148,17 @@ def topics_create(server: QueueServer, args: dict[str, Any]) -> dict[str, Any]:
 
 def topics_delete(server: QueueServer, args: dict[str, Any]) -> dict[str, Any]:
     topic = _topic(server, args)
+    busy = sorted(
+        f"{name}: {len(group.members)} shards"
+        for (topic_name, name), group in server.groups.items()
+        if topic_name == topic.name and group.members
+    )
+    if busy:
+        # Its processors would reconnect and recreate the topic at once, with the
+        # queue's default partition count, which maps keys to other partitions.
+        raise AdminError(
+            f"topic {topic.name!r} has connected processors ({'; '.join(busy)}); stop them first"
+        )
     removed_groups = []
     for key in [key for key in server.groups if key[0] == topic.name]:
         group = server.groups.pop(key)

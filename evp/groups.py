@@ -70,6 +70,7 @@ class Member:
         self.failed = 0
         self.pid = 0
         self.latency = LatencyHistogram()
+        self.latency_total = LatencyHistogram()
         self.retrying: dict | None = None
         self.joined_at = time.monotonic()
         self.last_seen = self.joined_at
@@ -106,6 +107,9 @@ class Group:
         self.redelivered_total = 0
         self.rebalances = 0
         self.lost_to_retention = 0
+        # Publish-to-processing latency of every event the group's shards reported,
+        # monotonic for Prometheus.
+        self.latency_total = LatencyHistogram()
 
     # Membership.
 
@@ -273,38 +277,36 @@ class Group:
                 self.dispatch(new_owner)
         self.dispatch(member)
 
+    def add_latency(self, member: Member, total: LatencyHistogram) -> None:
+        """Add what a member's cumulative latency histogram gained since its last report."""
+        previous = member.latency_total.counts
+        for bucket, count in total.counts.items():
+            gained = count - previous.get(bucket, 0)
+            if gained > 0:
+                self.latency_total.record_bucket(bucket, gained)
+        member.latency_total = total
+
     def skip_deleted(self, partition: int, start_offset: int, dispatch: bool = True) -> int:
         """Move a cursor that points before `start_offset` (deleted data) up to it.
 
-        Events already sent to the owner stay its own: they are neither written off nor
-        handed to another member before it acknowledges them, so per-key order holds.
-        Only events never sent are skipped. Returns how many were skipped, which are
-        counted in `lost_to_retention` and logged.
+        Every unacknowledged event below `start_offset` is gone from the log, so it is
+        counted in `lost_to_retention`, including events the owner still holds: their
+        late acknowledgements are ignored. Returns the count; the caller logs it.
         """
         cursor = self.cursors[partition]
-        if cursor.committed >= start_offset or cursor.delivered >= start_offset:
+        if cursor.committed >= start_offset:
             return 0
-        lost = start_offset - cursor.delivered
+        lost = start_offset - cursor.committed
         owner = cursor.owner
-        if owner is not None and cursor.delivered > cursor.committed:
-            # The owner's next cumulative ACK covers the skipped offsets too, so they
-            # count as in flight until then.
-            owner.in_flight += lost
-            cursor.delivered = start_offset
-        else:
-            cursor.committed = cursor.delivered = start_offset
-            self.dirty = True
+        if owner is not None:
+            owner.in_flight -= min(cursor.delivered, start_offset) - cursor.committed
+        cursor.committed = start_offset
+        cursor.delivered = max(cursor.delivered, start_offset)
         self.lost_to_retention += lost
-        logger.warning(
-            "group=%s topic=%s partition=%d lost %d unacknowledged events to retention; "
-            "it continues from offset %d",
-            self.name,
-            self.topic.name,
-            partition,
-            lost,
-            start_offset,
-        )
+        self.dirty = True
         if cursor.moving and cursor.committed == cursor.delivered:
+            # NOTE: the old owner may still be finishing events that were deleted
+            # under it; only the hard disk limits get here with a partition moving.
             self._hand_over(cursor, cursor.next_owner)
             self._refresh_partitions()
         if dispatch and cursor.owner is not None:
@@ -359,8 +361,17 @@ class Group:
                 log = logs[partition]
                 if cursor.blocked:
                     continue
-                if cursor.delivered < log.start_offset:
-                    self.skip_deleted(partition, log.start_offset, dispatch=False)
+                if cursor.committed < log.start_offset:
+                    lost = self.skip_deleted(partition, log.start_offset, dispatch=False)
+                    logger.warning(
+                        "group=%s topic=%s partition=%d lost %d unacknowledged events that "
+                        "retention deleted; it continues from offset %d",
+                        self.name,
+                        self.topic.name,
+                        partition,
+                        lost,
+                        log.start_offset,
+                    )
                 available = log.next_offset - cursor.delivered
                 if available <= 0:
                     continue

@@ -836,7 +836,7 @@ class PartitionLog:
         segment.path.unlink(missing_ok=True)
         self.size_bytes -= segment.size_bytes
         self.start_offset = self._bases[0]
-        logger.info(
+        logger.debug(
             "log %s: deleted segment %s with offsets %d to %d (%d bytes)",
             self.name,
             segment.path.name,

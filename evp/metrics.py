@@ -38,6 +38,10 @@ class LatencyHistogram:
         self.counts[bucket] = self.counts.get(bucket, 0) + count
         self.total += count
 
+    def record_bucket(self, bucket: int, count: int) -> None:
+        self.counts[bucket] = self.counts.get(bucket, 0) + count
+        self.total += count
+
     def record_many(self, values_us: Iterable[float]) -> None:
         counts = self.counts
         added = 0

@@ -172,6 +172,7 @@ class Shard:
         # twice that, so a backlog worked off long ago stops showing in the percentiles.
         self.latency = LatencyHistogram()
         self._previous_latency = LatencyHistogram()
+        self._retired_latency = LatencyHistogram()
         self._latency_window_start = time.monotonic()
 
     async def process(self, partition: int, batch: list[records.Record]) -> None:
@@ -225,6 +226,7 @@ class Shard:
     def _latency_window(self) -> LatencyHistogram:
         now = time.monotonic()
         if now - self._latency_window_start >= LATENCY_WINDOW_S:
+            self._retired_latency.merge(self._previous_latency)
             self._previous_latency = self.latency
             self.latency = LatencyHistogram()
             self._latency_window_start = now
@@ -232,12 +234,20 @@ class Shard:
         merged.merge(self.latency)
         return merged
 
+    def _latency_total(self) -> LatencyHistogram:
+        """Return every latency recorded since the shard started (for counters)."""
+        total = LatencyHistogram(self._retired_latency.counts)
+        total.merge(self._previous_latency)
+        total.merge(self.latency)
+        return total
+
     def _queue_report(self) -> protocol.Report:
         return protocol.Report(
             processed=self.processed,
             failed=self.failed,
             pid=os.getpid(),
             latency=self._latency_window().to_dict(),
+            latency_total=self._latency_total().to_dict(),
             retrying=self.retrying,
         )
 

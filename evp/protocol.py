@@ -189,6 +189,8 @@ class Report:
     latency: dict[str, int] = field(default_factory=dict)
     # The event the handler is retrying: partition, offset, key, attempt and error.
     retrying: dict[str, Any] | None = None
+    # Every latency since the shard started, so the queue can keep monotonic counters.
+    latency_total: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -368,7 +370,14 @@ _CONTROL_FIELDS: dict[FrameType, tuple[type, dict[str, type]]] = {
     ),
     FrameType.REPORT: (
         Report,
-        {"processed": int, "failed": int, "pid": int, "latency": dict, "retrying": dict},
+        {
+            "processed": int,
+            "failed": int,
+            "pid": int,
+            "latency": dict,
+            "retrying": dict,
+            "latency_total": dict,
+        },
     ),
     FrameType.ADMIN: (Admin, {"operation": str, "args": dict}),
     FrameType.ASSIGNED: (

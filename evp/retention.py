@@ -36,6 +36,7 @@ logger = logging.getLogger("evp.retention")
 class DiskLimits:
     max_disk_bytes: int | None = None
     min_free_disk_bytes: int = 256 * 1024 * 1024
+    warned_full: bool = False
 
 
 def effective(topic: Topic, default: Retention) -> Retention:
@@ -49,13 +50,30 @@ def groups_of(server: QueueServer, topic: Topic) -> list[Group]:
     return [group for (name, _), group in server.groups.items() if name == topic.name]
 
 
-def _after_delete(server: QueueServer, topic: Topic, partition: int) -> int:
-    """Move group positions that point into deleted data; return the events lost."""
+def _after_delete(
+    server: QueueServer, topic: Topic, partition: int, losses: dict[tuple[str, str], int]
+) -> int:
+    """Move group positions that point into deleted data; add each group's loss to `losses`."""
     start = topic.logs[partition].start_offset
     lost = 0
     for group in groups_of(server, topic):
-        lost += group.skip_deleted(partition, start)
+        count = group.skip_deleted(partition, start)
+        if count:
+            key = (topic.name, group.name)
+            losses[key] = losses.get(key, 0) + count
+            lost += count
     return lost
+
+
+def _log_losses(losses: dict[tuple[str, str], int]) -> None:
+    for (topic_name, group_name), count in sorted(losses.items()):
+        logger.warning(
+            "group=%s topic=%s lost %d unacknowledged events to the disk limits; it "
+            "continues from the first retained offsets",
+            group_name,
+            topic_name,
+            count,
+        )
 
 
 def apply_retention(server: QueueServer, default: Retention, now: float | None = None) -> int:
@@ -86,24 +104,30 @@ def apply_retention(server: QueueServer, default: Retention, now: float | None =
                     # delete unacknowledged events.
                     break
                 log.delete_oldest_segment()
-                _after_delete(server, topic, partition)
+                # Every group has acknowledged this segment, so no position moves.
                 deleted += 1
+    if deleted:
+        logger.info("retention deleted %d segments that every group had processed", deleted)
     return deleted
 
 
 def apply_disk_limits(server: QueueServer, limits: DiskLimits) -> int:
     """Delete the oldest sealed segments while the queue is over a hard disk limit.
 
-    Returns the number of events lost to it across all groups.
+    Returns the number of events lost to it across all groups. Logs one summary line
+    per call and one line per group that lost events, not one per segment.
     """
-    lost = 0
+    losses: dict[tuple[str, str], int] = {}
+    deleted_segments = 0
+    deleted_bytes = 0
     while True:
         used = sum(topic.size_bytes() for topic in server.store.topics.values())
         free = shutil.disk_usage(server.store.data_dir).free
         over_total = limits.max_disk_bytes is not None and used > limits.max_disk_bytes
         under_free = free < limits.min_free_disk_bytes
         if not (over_total or under_free):
-            return lost
+            limits.warned_full = False
+            break
         oldest = None
         for topic in server.store.topics.values():
             for partition, log in enumerate(topic.logs):
@@ -111,24 +135,30 @@ def apply_disk_limits(server: QueueServer, limits: DiskLimits) -> int:
                 if len(segments) > 1 and (oldest is None or segments[0].modified_at < oldest[0]):
                     oldest = (segments[0].modified_at, topic, partition)
         if oldest is None:
-            logger.error(
-                "the queue is over its disk limit (used=%d max_disk_bytes=%s free=%d "
-                "min_free_disk_bytes=%d) but only active segments remain; publishes may fail",
-                used,
-                limits.max_disk_bytes,
-                free,
-                limits.min_free_disk_bytes,
-            )
-            return lost
+            if not limits.warned_full:
+                # Logged once until the queue is back under its limits, not every second.
+                limits.warned_full = True
+                logger.error(
+                    "the queue is over its disk limit (used=%d max_disk_bytes=%s free=%d "
+                    "min_free_disk_bytes=%d) but only active segments remain",
+                    used,
+                    limits.max_disk_bytes,
+                    free,
+                    limits.min_free_disk_bytes,
+                )
+            break
         _, topic, partition = oldest
         info = topic.logs[partition].delete_oldest_segment()
+        deleted_segments += 1
+        deleted_bytes += info.size_bytes
+        _after_delete(server, topic, partition, losses)
+    if deleted_segments:
         logger.warning(
-            "disk limit: deleted segment of %s/%d with offsets %d to %d (used=%d free=%d)",
-            topic.name,
-            partition,
-            info.base_offset,
-            info.end_offset - 1,
-            used,
-            free,
+            "disk limit: deleted %d segments (%d bytes); used=%d free=%d",
+            deleted_segments,
+            deleted_bytes,
+            sum(topic.size_bytes() for topic in server.store.topics.values()),
+            shutil.disk_usage(server.store.data_dir).free,
         )
-        lost += _after_delete(server, topic, partition)
+    _log_losses(losses)
+    return sum(losses.values())

@@ -117,8 +117,9 @@ class QueueServer:
         group = self.groups.get(key)
         if group is None:
             topic = self.store.topic(topic_name)
-            committed = self.store.load_offsets(topic_name, group_name)
+            committed, lost = self.store.load_offsets(topic_name, group_name)
             group = Group(topic, group_name, committed)
+            group.lost_to_retention = lost
             self.groups[key] = group
         return group
 
@@ -247,8 +248,11 @@ class QueueServer:
                 continue
             group.dirty = False
             offsets = group.committed_offsets()
+            lost = group.lost_to_retention
             try:
-                await asyncio.to_thread(self.store.save_offsets, topic_name, group_name, offsets)
+                await asyncio.to_thread(
+                    self.store.save_offsets, topic_name, group_name, offsets, lost
+                )
             except OSError as exc:
                 group.dirty = True
                 logger.error(
@@ -405,7 +409,15 @@ class QueueServer:
         registry.register(SnapshotCollector(self.telemetry))
         port = self.config.metrics_port
         assert port is not None
-        server, _ = prometheus_client.start_http_server(port, addr=self.config.host, registry=registry)
+        try:
+            server, _ = prometheus_client.start_http_server(
+                port, addr=self.config.host, registry=registry
+            )
+        except OSError as exc:
+            raise ValueError(
+                f"cannot serve metrics on {self.config.host}:{port} (--metrics-port): "
+                f"{exc.strerror or exc}"
+            ) from exc
         self._metrics_server = server
         logger.info(
             "metrics at http://%s:%d/metrics", self.config.host, server.server_address[1]
@@ -577,8 +589,11 @@ class ServerConnection(asyncio.Protocol):
                     raise protocol.ProtocolError("REPORT before JOIN")
                 try:
                     self.member.latency = LatencyHistogram.from_dict(frame.latency)
+                    total = LatencyHistogram.from_dict(frame.latency_total)
                 except ValueError as exc:
                     raise protocol.MalformedFrame(f"REPORT latency histogram: {exc}") from None
+                if self.group is not None:
+                    self.group.add_latency(self.member, total)
                 self.member.retrying = frame.retrying
                 self.member.processed = frame.processed
                 self.member.failed = frame.failed

@@ -247,13 +247,15 @@ class Store:
         path = self.data_dir / "groups" / topic / f"{group}.json"
         path.unlink(missing_ok=True)
 
-    def load_offsets(self, topic: str, group: str) -> dict[int, int]:
+    def load_offsets(self, topic: str, group: str) -> tuple[dict[int, int], int]:
+        """Return a group's saved positions and its count of events lost to retention."""
         path = self.data_dir / "groups" / topic / f"{group}.json"
         if not path.exists():
-            return {}
+            return {}, 0
         try:
-            raw = orjson.loads(path.read_bytes())["offsets"]
-            return {int(partition): int(offset) for partition, offset in raw.items()}
+            data = orjson.loads(path.read_bytes())
+            offsets = {int(p): int(offset) for p, offset in data["offsets"].items()}
+            return offsets, int(data.get("lost_to_retention", 0))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StorageError(f"cannot read group positions {path}: {exc}") from exc
 
@@ -265,10 +267,15 @@ class Store:
                 pairs.append((topic_dir.name, path.stem))
         return pairs
 
-    def save_offsets(self, topic: str, group: str, offsets: dict[int, int]) -> None:
+    def save_offsets(
+        self, topic: str, group: str, offsets: dict[int, int], lost_to_retention: int = 0
+    ) -> None:
         directory = self.data_dir / "groups" / topic
         directory.mkdir(parents=True, exist_ok=True)
-        payload = {"offsets": {str(partition): offset for partition, offset in offsets.items()}}
+        payload = {
+            "offsets": {str(partition): offset for partition, offset in offsets.items()},
+            "lost_to_retention": lost_to_retention,
+        }
         write_atomic(directory / f"{group}.json", orjson.dumps(payload))
 
     def close(self) -> None:

@@ -234,7 +234,10 @@ class Telemetry:
             for member in sorted(group.members.values(), key=lambda m: m.id):
                 group_latency.merge(member.latency)
                 members.append(self._member(topic_name, group_name, member))
-            self.group_latency[(topic_name, group_name)] = group_latency
+            # A copy: the metrics thread reads it while the loop adds to the original.
+            self.group_latency[(topic_name, group_name)] = LatencyHistogram(
+                group.latency_total.counts
+            )
             lag = group.lag()
             acked_per_s = rates.rate(("acked", topic_name, group_name))
             groups.append(
@@ -374,7 +377,7 @@ class SnapshotCollector:
         shard_acked = CounterMetricFamily("evp_shard_acked", "Events the shard acknowledged.", labels=shard_labels)
         latency = HistogramMetricFamily(
             "evp_processing_latency_seconds",
-            "Time from publish to the end of processing, merged over the group's shards.",
+            "Time from publish to the end of processing, of every event the group's shards reported.",
             labels=group_labels,
         )
         for group in snapshot["groups"]:

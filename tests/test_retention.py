@@ -9,6 +9,8 @@ import orjson
 import pytest
 from conftest import snapshot, wait_until
 
+HANDLERS = Path(__file__).with_name("handlers.py")
+
 # 1.8 s: short enough for a test, long enough that segments outlive one check.
 RETENTION_HOURS = "0.0005"
 SEGMENT_BYTES = "4096"
@@ -184,3 +186,49 @@ def test_group_commands(evp, tmp_path):
     deleted = evp.run("groups", "delete", "g", "--topic", "events", "--queue", address)
     assert deleted.returncode == 0, deleted.stderr.decode()
     assert admin(evp, address, "groups") == []
+
+
+@pytest.mark.timeout(120)
+def test_disk_limit_with_busy_shard(evp, tmp_path):
+    _, address = evp.queue(
+        None, None, "--segment-bytes", SEGMENT_BYTES, "--max-disk-bytes", "30000"
+    )
+    evp.run("topics", "create", "busy", "--partitions", "2", "--queue", address)
+    output = tmp_path / "out"
+    processor = evp.start(
+        "process", "--queue", address, "--topic", "busy", "--group", "g", "--shards", "1",
+        "--node", "b", "--output", str(output), "--handler", f"{HANDLERS}:slow",
+        "--max-in-flight", "200", log_name="process",
+    )
+    wait_until(
+        lambda: any(g["group"] == "g" and g["members"] for g in snapshot(address)["groups"]),
+        timeout_s=60,
+    )
+    publish(evp, address, "busy", 3000)
+
+    def group() -> dict:
+        return [g for g in snapshot(address)["groups"] if g["topic"] == "busy"][0]
+
+    # The shard held events whose segments the limit deleted; the group must still
+    # reach the end instead of waiting for acknowledgements that cannot count.
+    wait_until(lambda: group()["lag"] == 0, timeout_s=60, message="the group stopped moving")
+    lost = group()["lost_to_retention"]
+    assert lost > 0
+    member = group()["members"][0]
+    assert member["in_flight"] <= member["max_in_flight"]
+    stop(processor)
+    assert group()["lost_to_retention"] == lost
+    processed = {orjson.loads(line)["offset"] for path in output.glob("*.jsonl") for line in path.read_bytes().splitlines()}
+    assert len(processed) + lost >= 3000
+
+
+@pytest.mark.timeout(90)
+def test_topic_delete_refused_while_consumed(evp, tmp_path):
+    _, address = evp.queue()
+    processor = run_processor(evp, address, "inuse", tmp_path / "out")
+    refused = evp.run("topics", "delete", "inuse", "--yes", "--queue", address)
+    assert refused.returncode == 2
+    assert "has connected processors" in refused.stderr.decode()
+    stop(processor)
+    deleted = evp.run("topics", "delete", "inuse", "--yes", "--queue", address)
+    assert deleted.returncode == 0, deleted.stderr.decode()
