@@ -615,6 +615,45 @@ class Consumer:
             self._connection.close()
 
 
+async def request(
+    address: str,
+    frame: protocol.Frame,
+    expected: type,
+    *,
+    token: str | None = None,
+    timeout_s: float = 10.0,
+) -> Any:
+    """Open a connection, send one request frame and return the response of type `expected`.
+
+    Raises ServerError when the queue responds with an ERROR frame and ClientError on
+    a timeout or a response of another type.
+    """
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[protocol.Frame] = loop.create_future()
+    name = type(frame).__name__.upper()
+
+    def on_frame(response: protocol.Frame) -> None:
+        if not answer.done():
+            answer.set_result(response)
+
+    connection, _ = await connect(address, on_frame, token=token, timeout_s=timeout_s)
+    try:
+        connection.send(protocol.encode(frame))
+        try:
+            response = await asyncio.wait_for(answer, timeout_s)
+        except TimeoutError:
+            raise ClientError(
+                f"the queue at {address} sent no response to {name} within {timeout_s} s"
+            ) from None
+    finally:
+        connection.close()
+    if isinstance(response, protocol.Error):
+        raise ServerError(response.code, response.message)
+    if not isinstance(response, expected):
+        raise ClientError(f"the queue responded to {name} with {type(response).__name__}")
+    return response
+
+
 async def admin_request(
     address: str,
     operation: str,
@@ -624,26 +663,6 @@ async def admin_request(
     timeout_s: float = 10.0,
 ) -> Any:
     """Send one ADMIN request and return its result; raise ServerError when it fails."""
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[protocol.Frame] = loop.create_future()
-
-    def on_frame(frame: protocol.Frame) -> None:
-        if not answer.done():
-            answer.set_result(frame)
-
-    connection, _ = await connect(address, on_frame, token=token, timeout_s=timeout_s)
-    try:
-        connection.send(protocol.encode(protocol.Admin(operation, args or {})))
-        try:
-            frame = await asyncio.wait_for(answer, timeout_s)
-        except TimeoutError:
-            raise ClientError(
-                f"the queue at {address} sent no response to {operation} within {timeout_s} s"
-            ) from None
-    finally:
-        connection.close()
-    if isinstance(frame, protocol.Error):
-        raise ServerError(frame.code, frame.message)
-    if not isinstance(frame, protocol.AdminResult):
-        raise ClientError(f"the queue responded to {operation} with {type(frame).__name__}")
-    return frame.result
+    frame = protocol.Admin(operation, args or {})
+    response = await request(address, frame, protocol.AdminResult, token=token, timeout_s=timeout_s)
+    return response.result

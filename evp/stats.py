@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evp import protocol, views
-from evp.client import ClientError, connect
+from evp.client import ClientError, request
 
 # The queue keeps 60 one-second rates. Drawn as 20 characters of 3 s each, they fit the
 # groups table in 120 columns next to its ten other columns.
@@ -33,27 +33,9 @@ LATE_HEARTBEAT_S = 3.0
 
 async def fetch_snapshot(address: str, token: str | None = None, timeout_s: float = 5.0) -> dict[str, Any]:
     """Connect, request one snapshot and return it."""
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[protocol.Frame] = loop.create_future()
-
-    def on_frame(frame: protocol.Frame) -> None:
-        if not answer.done():
-            answer.set_result(frame)
-
-    connection, _ = await connect(address, on_frame, token=token, timeout_s=timeout_s)
-    try:
-        connection.send(protocol.encode(protocol.StatsRequest()))
-        try:
-            frame = await asyncio.wait_for(answer, timeout_s)
-        except TimeoutError:
-            raise ClientError(f"the queue at {address} sent no statistics within {timeout_s} s") from None
-    finally:
-        connection.close()
-    if isinstance(frame, protocol.Error):
-        raise ClientError(f"the queue rejected the statistics request: {frame.message}")
-    if not isinstance(frame, protocol.Stats):
-        raise ClientError(f"the queue responded to a statistics request with {type(frame).__name__}")
-    return frame.snapshot
+    frame = protocol.StatsRequest()
+    response = await request(address, frame, protocol.Stats, token=token, timeout_s=timeout_s)
+    return response.snapshot
 
 
 # Rendering.
