@@ -1,19 +1,19 @@
 """Benchmark evp against Redis Streams and NATS in one run, on one machine.
 
-For each system (evp with --fsync batch and always; Redis Streams with and without
-an append-only file; NATS JetStream and NATS core) it measures end-to-end and publish
-throughput at full speed, latency from publish to processing at fixed rates, the
-server's peak RSS and the CPU seconds per million events. It then measures evp alone:
-throughput by shard count, restart with a large backlog, and the time from a shard's
-kill -9 to its first redelivered event. A peer that is not installed is skipped with
-a message.
+The systems are evp with --fsync batch and always, Redis Streams with and without an
+append-only file, NATS JetStream and NATS core. For each one the run measures
+end-to-end and publish throughput at full speed, latency from publish to processing
+at fixed rates, the server's peak RSS and the CPU seconds per million events. It then
+measures evp alone: throughput by shard count, restart with a large backlog, and the
+time from a shard's kill -9 to its first redelivered event. A peer that is not
+installed is skipped with a message.
 
 Writes bench/results/<date>-<host>.json (with `-quick` in quick mode), a Markdown
 summary next to it, PNG plots when matplotlib is installed, and, in full mode, the
 tables in docs/benchmarks.md.
 
 Examples:
-  python -m bench                      # the full comparison (about 20 minutes)
+  python -m bench                      # the full comparison (about 12 minutes)
   python -m bench --quick              # about 100,000 events and one rate
   python -m bench --quick --systems evp --events 2000 --out /tmp/results --no-docs
 """
@@ -35,9 +35,13 @@ from typing import Any
 from bench import common, evp_only, plots, report, systems
 
 DEFAULT_WIKIPEDIA = common.ROOT.parent / "shared" / "data" / "wikiticker-2015-09-12.jsonl.gz"
-FULL = {"events": 1_000_000, "rates": "1000,10000,50000", "rate_seconds": 10.0, "scaling": "1,2,4,8",
+FULL = {"events": 500_000, "repeat": 3, "rates": "1000,10000,50000", "rate_seconds": 10.0, "scaling": "1,2,4,8",
         "backlog": 10_000_000, "failover_events": 500_000, "failover_repeat": 3, "wikipedia_events": 0}
-QUICK = {"events": 100_000, "rates": "10000", "rate_seconds": 2.0, "scaling": "1,8",
+# The failover measure also runs at this fixed rate, for at most this long, where the
+# queue has idle time, unlike at full speed.
+FAILOVER_RATE = 10_000.0
+FAILOVER_SECONDS = 3.0
+QUICK = {"events": 100_000, "repeat": 1, "rates": "10000", "rate_seconds": 2.0, "scaling": "1,8",
          "backlog": 300_000, "failover_events": 200_000, "failover_repeat": 1, "wikipedia_events": -1}
 
 
@@ -46,12 +50,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="Reduced counts and one rate, under two minutes.")
-    parser.add_argument("--events", type=int, help="Events per full-speed run (full 1,000,000; quick 100,000).")
+    parser.add_argument("--events", type=int, help="Events per full-speed run (full 500,000; quick 100,000).")
     parser.add_argument("--keys", type=int, default=10_000, help="Distinct keys of generated events.")
     parser.add_argument("--rates", help="Fixed rates for latency, events/s, comma-separated (full 1000,10000,50000; quick 10000).")
     parser.add_argument("--rate-seconds", type=float, help="Seconds of publishing at each fixed rate (full 10; quick 2).")
     parser.add_argument("--systems", default="evp,redis,nats", help="Families (evp, redis, nats) or system ids, comma-separated.")
-    parser.add_argument("--repeat", type=int, default=1, help="Full-speed runs per system; the table shows the median and the range.")
+    parser.add_argument("--repeat", type=int, help="Full-speed runs per system and shard count; the tables show the median and the range (full 3; quick 1).")
     parser.add_argument("--scaling", help="evp shard counts to compare, comma-separated; empty to skip (full 1,2,4,8; quick 1,8).")
     parser.add_argument("--backlog", type=int, help="Events stored for the evp restart measure; 0 to skip (full 10,000,000; quick 300,000).")
     parser.add_argument("--failover-events", type=int, help="Events published during the evp kill -9 measure; 0 to skip.")
@@ -63,12 +67,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-docs", action="store_true", help="Leave every docs file as it is.")
     parser.add_argument("--no-plots", action="store_true", help="Draw no plots.")
     args = parser.parse_args(argv)
+
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.rates = [float(rate) for rate in str(args.rates).split(",") if rate]
     args.scaling = [int(count) for count in str(args.scaling).split(",") if count]
+
     if args.docs is None and not args.quick:
         args.docs = common.ROOT / "docs" / "benchmarks.md"
     if args.no_docs:
@@ -77,12 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def selected_systems(spec: str) -> list[systems.System]:
-    wanted = {item.strip() for item in spec.split(",") if item.strip()}
+    requested = {item.strip() for item in spec.split(",") if item.strip()}
     known = {system.id for system in systems.SYSTEMS} | {system.family for system in systems.SYSTEMS}
-    unknown = wanted - known
+    unknown = requested - known
     if unknown:
-        raise SystemExit(f"unknown --systems {sorted(unknown)}: use {', '.join(sorted(known))}")
-    return [system for system in systems.SYSTEMS if system.id in wanted or system.family in wanted]
+        raise SystemExit(f"invalid --systems {sorted(unknown)}: use {', '.join(sorted(known))}")
+    return [system for system in systems.SYSTEMS if system.id in requested or system.family in requested]
 
 
 def log(message: str) -> None:
@@ -146,7 +152,7 @@ def run_evp_only(args: argparse.Namespace, workdir: Path, main_rows: dict[str, A
         batch = main_rows.get("evp-batch", {}).get("full_speed")
         if batch:
             known[systems.SHARDS] = batch
-        extra["scaling"] = _guarded(extra, evp_only.scaling, workdir, args.events, args.scaling, known)
+        extra["scaling"] = _guarded(extra, evp_only.scaling, workdir, args.events, args.scaling, known, args.repeat)
     if args.backlog:
         log(f"evp alone: restart with {args.backlog:,} events stored")
         extra["restart"] = _guarded(extra, evp_only.restart, workdir / "restart-run", args.backlog)
@@ -154,12 +160,17 @@ def run_evp_only(args: argparse.Namespace, workdir: Path, main_rows: dict[str, A
             log(f"  {extra['restart']}")
     if args.failover_events:
         extra["failover"] = []
+        at_rate = min(args.failover_events, int(FAILOVER_RATE * FAILOVER_SECONDS))
+        tries = [(args.failover_events, 0.0), (at_rate, FAILOVER_RATE)]
         for attempt in range(args.failover_repeat):
-            log(f"evp alone: kill -9 of a busy shard (try {attempt + 1} of {args.failover_repeat})")
-            result = _guarded(extra, evp_only.failover, workdir / f"failover-{attempt}", args.failover_events)
-            if result:
-                log(f"  {result}")
-                extra["failover"].append(result)
+            for events, rate in tries:
+                speed = f"{rate:,.0f} events/s" if rate else "full speed"
+                log(f"evp alone: kill -9 of a busy shard at {speed} (try {attempt + 1} of {args.failover_repeat})")
+                workdir_try = workdir / f"failover-{attempt}-{rate:g}"
+                result = _guarded(extra, evp_only.failover, workdir_try, events, rate)
+                if result:
+                    log(f"  {result}")
+                    extra["failover"].append(result)
     return extra
 
 
@@ -170,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     info = report.machine()
     stem = f"{date}-{info['host']}" + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
+
     record: dict[str, Any] = {
         "date": date,
         "stem": stem,
@@ -185,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {},
         "skipped": [],
     }
+
     if args.wikipedia_events >= 0 and not args.wikipedia.exists():
         message = f"Wikipedia run: the data file {args.wikipedia} is absent"
         log(f"skipped: {message}")
@@ -200,11 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             record["systems"][system.id] = run_system(system, args, workdir)
         if "evp-batch" in record["systems"]:
             record["evp_only"] = run_evp_only(args, workdir, record["systems"])
+
     record["ratios"] = report.ratios(record["systems"], args.rates)
     record["duration_s"] = round(time.monotonic() - started, 1)
     plot_links = draw_plots(record, args, stem)
-    markdown = report.render_markdown(record, plot_links)
     json_path = args.out / f"{stem}.json"
+    try:
+        record["results_path"] = str(json_path.resolve().relative_to(common.ROOT))
+    except ValueError:
+        record["results_path"] = str(json_path)
+    markdown = report.render_markdown(record, plot_links)
     json_path.write_text(json.dumps(record, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown)
     log(f"wrote {json_path} and {stem}.md")

@@ -27,7 +27,7 @@ STOP_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the kernel reports free."""
+    """Return a TCP port on 127.0.0.1 that the kernel reports free."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -112,7 +112,7 @@ def wait_with_cpu(process: subprocess.Popen, timeout_s: float) -> tuple[int, flo
 
 
 def cpu_tree_s(pid: int) -> float:
-    """CPU seconds used so far by a process and its living descendants."""
+    """Return the CPU seconds used so far by a process and its living descendants."""
     total = 0.0
     try:
         root = psutil.Process(pid)

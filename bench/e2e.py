@@ -17,7 +17,6 @@ Writes bench/results/<date>-<host>-e2e.json and prints a summary.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
@@ -27,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,14 +34,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import PeakRss, cpu_tree_s, free_port, poll_snapshot, wait_for_port  # noqa: E402
 from evp import __version__  # noqa: E402
-from evp.stats import fetch_snapshot  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def evp(*args: str, log: Path) -> subprocess.Popen[bytes]:
@@ -54,67 +46,21 @@ def evp(*args: str, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def snapshot(address: str) -> dict:
-    return asyncio.run(fetch_snapshot(address))
-
-
-class PeakRss:
-    """Sample a process's RSS in a thread and keep the maximum."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak_bytes = max(self.peak_bytes, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_bytes
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            processes = [process, *process.children(recursive=True)]
-            for item in processes:
-                times = item.cpu_times()
-                total += times.user + times.system
-        except psutil.Error:
-            continue
-    return total
-
-
 def wait_members(address: str, count: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        groups = snapshot(address)["groups"]
-        if groups and len(groups[0]["members"]) >= count:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{count} shards did not join within {timeout_s} s")
+    poll_snapshot(
+        address,
+        lambda snap: bool(snap["groups"]) and len(snap["groups"][0]["members"]) >= count,
+        interval_s=0.1,
+        timeout_s=timeout_s,
+    )
 
 
 def wait_lag_zero(address: str, expected: int, timeout_s: float = 1800) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        snap = snapshot(address)
+    def caught_up(snap: dict) -> bool:
         group = snap["groups"][0]
-        if group["acked"] >= expected and group["lag"] == 0:
-            return snap
-        time.sleep(0.02)
-    raise TimeoutError("the group did not catch up")
+        return group["acked"] >= expected and group["lag"] == 0
+
+    return poll_snapshot(address, caught_up, interval_s=0.02, timeout_s=timeout_s)[0]
 
 
 def run_once(workdir: Path, events: int, shards: int, rate: float, fsync: str) -> dict:
@@ -122,12 +68,7 @@ def run_once(workdir: Path, events: int, shards: int, rate: float, fsync: str) -
     address = f"127.0.0.1:{port}"
     queue = evp("queue", "--port", str(port), "--data-dir", str(workdir / f"data-{fsync}-{rate}"), "--fsync", fsync, "--log-level", "WARNING", log=workdir / "queue.log")
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(port, queue, timeout_s=10)
         rss = PeakRss(queue.pid)
         processor = evp("process", "--queue", address, "--shards", str(shards), "--node", "bench", "--log-level", "WARNING", log=workdir / "process.log")
         wait_members(address, shards)
@@ -142,7 +83,7 @@ def run_once(workdir: Path, events: int, shards: int, rate: float, fsync: str) -
             raise RuntimeError(f"publish failed: {publish.stderr}")
         snap = wait_lag_zero(address, events)
         total_s = time.monotonic() - started
-        cpu_s = cpu_seconds([queue.pid, processor.pid])
+        cpu_s = cpu_tree_s(queue.pid) + cpu_tree_s(processor.pid)
         group = snap["groups"][0]
         processor.send_signal(signal.SIGTERM)
         processor.wait(timeout=60)
@@ -154,7 +95,7 @@ def run_once(workdir: Path, events: int, shards: int, rate: float, fsync: str) -
             "end_to_end_events_per_s": round(events / total_s),
             "publish_events_per_s": round(events / published_s),
             "latency_ms": group["latency"],
-            "queue_peak_rss_mb": round(rss.stop() / 2**20, 1),
+            "queue_peak_rss_mb": rss.stop_mb(),
             "cpu_s_queue_and_shards": round(cpu_s, 2),
             "redelivered": group["redelivered"],
         }

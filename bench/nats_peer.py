@@ -140,7 +140,7 @@ async def _publish(args: argparse.Namespace) -> None:
             sent += 1
         await asyncio.sleep(0)  # let the acknowledgements be read
     if core:
-        # A flush returns when the server has answered a PING sent after every publish.
+        # A flush returns once the server has sent the PONG to a PING sent after every publish.
         await connection.flush(timeout=ACK_WAIT_S)
         acked = sent
         await connection.publish(END_SUBJECT, workload.end_marker(sent))

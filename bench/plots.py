@@ -55,12 +55,19 @@ def _throughput(systems: dict[str, dict[str, Any]], record: dict[str, Any], path
     figure, axes = plt.subplots(figsize=(9, 0.8 * len(labels) + 1.8))
     positions = range(len(labels))
     height = 0.38
-    bars = axes.barh([p - height / 2 for p in positions], end_to_end, height, label="end to end",
-                     color=[COLORS.get(key, "gray") for key in systems])
+    # Repeated runs show the median with a bar from the minimum to the maximum.
+    spreads = [system["full_speed"].get("end_to_end_events_per_s_range") for system in systems.values()]
+    errors = [
+        [value - spread[0] if spread else 0 for value, spread in zip(end_to_end, spreads, strict=True)],
+        [spread[1] - value if spread else 0 for value, spread in zip(end_to_end, spreads, strict=True)],
+    ]
+    bars = axes.barh([p - height / 2 for p in positions], end_to_end, height, label="end to end (median, min to max)",
+                     color=[COLORS.get(key, "gray") for key in systems], xerr=errors, capsize=3,
+                     error_kw={"elinewidth": 1, "ecolor": "black"})
     axes.barh([p + height / 2 for p in positions], publish, height, label="publish only (same run)",
               color="none", edgecolor=[COLORS.get(key, "gray") for key in systems], hatch="//")
-    for bar, value in zip(bars, end_to_end, strict=True):
-        axes.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:,}", va="center", fontsize=9)
+    for bar, value, error in zip(bars, end_to_end, errors[1], strict=True):
+        axes.text(value + error, bar.get_y() + bar.get_height() / 2, f"  {value:,}", va="center", fontsize=9)
     axes.set_yticks(list(positions), labels)
     axes.invert_yaxis()
     axes.set_xlabel("events per second")
@@ -68,7 +75,8 @@ def _throughput(systems: dict[str, dict[str, Any]], record: dict[str, Any], path
     events = record["workload"]["events"]
     axes.set_title(f"Full speed, {events:,} events of ~200 bytes, 8 consumers\n{_subtitle(record)}", fontsize=10)
     axes.legend(loc="lower right", fontsize=9)
-    axes.set_xlim(0, max(end_to_end + publish) * 1.18)
+    highest = max(value + error for value, error in zip(end_to_end, errors[1], strict=True))
+    axes.set_xlim(0, max(highest, *publish) * 1.2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -79,14 +87,14 @@ def _latency_cdf(systems: dict[str, dict[str, Any]], record: dict[str, Any], pat
     import matplotlib.pyplot as plt
 
     rates = record["workload"]["rates"]
-    figure, axes = plt.subplots(2, len(rates), figsize=(5.2 * len(rates), 8), squeeze=False)
+    figure, axes = plt.subplots(2, len(rates), figsize=(max(8.0, 5.2 * len(rates)), 9), squeeze=False)
     for column, rate in enumerate(rates):
         top, bottom = axes[0][column], axes[1][column]
         for key, system in systems.items():
             run = next((item for item in system.get("fixed_rate", []) if item["rate"] == rate), None)
             if not run or not run["cdf"]:
                 continue
-            points = [(ms, fraction) for ms, fraction in run["cdf"] if ms > 0]
+            points = _trim_flat_end([(ms, fraction) for ms, fraction in run["cdf"] if ms > 0])
             latency_ms = [ms for ms, _fraction in points]
             fractions = [fraction for _ms, fraction in points]
             tail = [max(1 - fraction, 1e-5) for fraction in fractions]
@@ -106,16 +114,30 @@ def _latency_cdf(systems: dict[str, dict[str, Any]], record: dict[str, Any], pat
         for axis in (top, bottom):
             axis.set_xlabel("latency, publish to processing (ms)")
             axis.grid(True, which="major", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    figure.suptitle(
-        "Latency CDF at fixed rates (evp: histogram bucket edges and p50/p99/p99.9; "
-        "peers: every event; * the publisher fell short of the rate)\n" + _subtitle(record),
-        fontsize=10,
+    with_lines = [axis for axis in axes[0] if axis.get_lines()]
+    if with_lines:
+        with_lines[0].legend(fontsize=8, loc="lower right")
+    figure.suptitle(f"Latency from publish to processing at fixed rates\n{_subtitle(record)}", fontsize=10)
+    figure.text(
+        0.01,
+        0.005,
+        "evp: the edges of its histogram buckets and its p50, p99 and p99.9 (points); peers: every event.\n"
+        "* the publisher fell more than 5 % short of the rate.",
+        fontsize=8,
+        va="bottom",
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _trim_flat_end(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Drop the points after the first that reaches a fraction of 1 (empty buckets)."""
+    for index, (_ms, fraction) in enumerate(points):
+        if fraction >= 1:
+            return points[: index + 1]
+    return points
 
 
 def _scaling(rows: list[dict[str, Any]], record: dict[str, Any], path: Path) -> Path:
@@ -125,15 +147,18 @@ def _scaling(rows: list[dict[str, Any]], record: dict[str, Any], path: Path) -> 
     end_to_end = [row["end_to_end_events_per_s"] for row in rows]
     publish = [row["publish_events_per_s"] for row in rows]
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    axes.plot(shards, end_to_end, marker="o", color=COLORS["evp-batch"], label="end to end")
+    low = [value - row["end_to_end_events_per_s_range"][0] for value, row in zip(end_to_end, rows, strict=True)]
+    high = [row["end_to_end_events_per_s_range"][1] - value for value, row in zip(end_to_end, rows, strict=True)]
+    axes.errorbar(shards, end_to_end, yerr=[low, high], marker="o", capsize=4, color=COLORS["evp-batch"],
+                  label="end to end (median, min to max)")
     axes.plot(shards, publish, marker="s", linestyle="--", color="gray", label="publish only (same run)")
     for count, value in zip(shards, end_to_end, strict=True):
-        axes.annotate(f"{value:,}", (count, value), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
+        axes.annotate(f"{value:,}", (count, value), textcoords="offset points", xytext=(0, -18), ha="center", fontsize=9)
     axes.set_xscale("log", base=2)
     axes.set_xticks(shards, [str(count) for count in shards])
     axes.set_xlabel("shards (evp process --shards)")
     axes.set_ylabel("events per second")
-    axes.set_ylim(0, max(end_to_end + publish) * 1.2)
+    axes.set_ylim(0, max(max(row["end_to_end_events_per_s_range"][1] for row in rows), *publish) * 1.2)
     axes.yaxis.set_major_formatter(lambda value, _pos: f"{value:,.0f}")
     axes.set_title(f"evp, --fsync batch, {rows[0]['events']:,} events at full speed\n{_subtitle(record)}", fontsize=10)
     axes.legend(fontsize=9)

@@ -1,8 +1,8 @@
 """The results record: machine and versions, ratios, and its Markdown rendering.
 
 `render_markdown` writes the tables that `python -m bench` puts between the
-BEGIN_MARKER and END_MARKER lines of docs/benchmarks.md; the text around them is
-written by hand and left as it is.
+BEGIN_MARKER and END_MARKER lines of docs/benchmarks.md. The text around them is
+written by hand, and `update_docs` leaves it as it is.
 """
 
 from __future__ import annotations
@@ -59,12 +59,12 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     found["redis-server"] = _server_version(["redis-server", "--version"], r"v=(\S+)")
-    found["nats-server"] = _server_version(["nats-server", "--version"], r"v(\S+)")
+    found["nats-server"] = _server_version(["nats-server", "--version"], r"\bv(\d\S*)")
     return found
 
 
 def summarize_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median end-to-end rate, with the range over all runs."""
+    """Return the run with the median end-to-end rate, with the range over all runs."""
     ordered = sorted(runs, key=lambda run: run["end_to_end_events_per_s"])
     median = dict(ordered[(len(ordered) - 1) // 2])
     for field in ("end_to_end_events_per_s", "publish_events_per_s", "cpu_s_per_million_events"):
@@ -75,7 +75,7 @@ def summarize_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ratios(systems: dict[str, dict[str, Any]], rates: list[float]) -> list[dict[str, Any]]:
-    """evp (fsync batch) divided by each peer that ran in the same run."""
+    """Divide evp's (fsync batch) figures by those of each peer that ran in the same run."""
     evp = systems.get("evp-batch", {})
     if not evp.get("full_speed"):
         return []
@@ -120,12 +120,12 @@ def _range(run: dict[str, Any], field: str) -> str:
 
 
 def render_markdown(record: dict[str, Any], plot_links: dict[str, str]) -> str:
-    """The generated part of docs/benchmarks.md for one run."""
+    """Render the generated part of docs/benchmarks.md for one run."""
     lines = [
         f"### Run of {record['date']} on `{record['machine']['host']}` ({record['mode']} mode)",
         "",
         f"Command: `{record['command']}` ({record['duration_s']:.0f} s). "
-        f"Raw results: `bench/results/{record['stem']}.json`.",
+        f"Raw results: `{record['results_path']}`.",
         "",
         _machine_line(record),
         "",
@@ -173,11 +173,14 @@ def _versions_line(found: dict[str, str | None]) -> str:
 def _workload_line(record: dict[str, Any]) -> str:
     work = record["workload"]
     rates = ", ".join(f"{rate:,.0f}" for rate in work["rates"])
+    runs = "one run per system" if work["repeat"] == 1 else (
+        f"{work['repeat']} runs per system: the median run, with the range from min to max in brackets"
+    )
     return (
         f"Workload: {work['events']:,} generated events of about 200 bytes with "
-        f"{work['keys']:,} distinct keys at full speed ({work['repeat']} run(s) per system; "
-        f"a range is min to max), then {work['rate_seconds']:g} s at each fixed rate "
-        f"({rates} events/s). Each peer uses {work['partitions']} streams or subjects by key "
+        f"{work['keys']:,} distinct keys at full speed ({runs}). Each fixed rate "
+        f"({rates} events/s) ran for {work['rate_seconds']:g} s. "
+        f"Each peer uses {work['partitions']} streams or subjects by key "
         f"hash and {work['partitions']} consumer processes; evp uses `--shards {work['shards']}` "
         f"and 64 partitions."
     )
@@ -253,15 +256,16 @@ def _evp_only_tables(record: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if extra.get("scaling"):
         lines += [
-            "evp alone, `--fsync batch`, full speed, by shard count:",
+            "evp alone, `--fsync batch`, full speed, by shard count (the row for 8 shards is "
+            "the full-speed run above):",
             "",
             "| shards | events | end to end, events/s | publish, events/s | CPU s per million events |",
             "| --- | --- | --- | --- | --- |",
         ]
         for row in extra["scaling"]:
             lines.append(
-                f"| {row['shards']} | {row['events']:,} | {_count(row['end_to_end_events_per_s'])} "
-                f"| {_count(row['publish_events_per_s'])} | {row['cpu_s_per_million_events']:,.0f} |"
+                f"| {row['shards']} | {row['events']:,} | {_range(row, 'end_to_end_events_per_s')} "
+                f"| {_range(row, 'publish_events_per_s')} | {row['cpu_s_per_million_events']:,.0f} |"
             )
         lines.append("")
     restart = extra.get("restart")
@@ -284,15 +288,18 @@ def _evp_only_tables(record: dict[str, Any]) -> list[str]:
     failovers = extra.get("failover") or []
     if failovers:
         lines += [
-            "evp alone, kill -9 of one of 8 busy shards (one row per try):",
+            "evp alone, kill -9 of one of 8 shards while events flow (one row per try):",
             "",
-            "| events published | unacknowledged at the shard | kill to member removed, ms | kill to first redelivered event processed, ms |",
-            "| --- | --- | --- | --- |",
+            "| publish rate | events published | unacknowledged at the shard | kill to member removed (queue log), ms "
+            "| kill to member removed (snapshot), ms | kill to first redelivered event processed (snapshot), ms |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for row in failovers:
+            speed = f"{row['rate']:,.0f} events/s" if row["rate"] else "full speed"
+            logged = row.get("kill_to_removal_logged_ms")
             lines.append(
-                f"| {row['events']:,} | {row['redelivered']:,} | {row['kill_to_removal_ms']} "
-                f"| {row['kill_to_first_redelivered_ms']} |"
+                f"| {speed} | {row['events']:,} | {row['redelivered']:,} | {'n/a' if logged is None else logged} "
+                f"| {row['kill_to_removal_ms']} | {row['kill_to_first_redelivered_ms']} |"
             )
         lines.append("")
     return lines

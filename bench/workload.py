@@ -59,7 +59,7 @@ def stamp(value: bytes, sent_ns: int) -> bytes:
 
 
 def end_marker(count: int) -> bytes:
-    """The event a publisher sends after its last one: how many events preceded it."""
+    """Encode the event a publisher sends after its last one, with the count before it."""
     return orjson.dumps({END_FIELD: True, "count": count})
 
 
