@@ -322,7 +322,12 @@ class Group:
             if owner is not None and not cursor.moving:
                 owners[owner.id] = owner
         for owner in owners.values():
-            self.dispatch(owner)
+            # A member still working through events it holds gets the new ones with
+            # the dispatch its next ACK triggers: it processes in order, so sending
+            # earlier would not process them earlier, and waiting lets many small
+            # publishes share one DELIVER frame per partition.
+            if owner.in_flight == 0:
+                self.dispatch(owner)
 
     def dispatch_all(self) -> None:
         for member in list(self.members.values()):
