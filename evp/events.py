@@ -2,9 +2,9 @@
 
 The key of an event decides its partition. It is taken from the `--key-field` dotted
 path when one is given, else from the CloudEvents attribute `partitionkey`, else from
-`id`. Strings are used as they are; integers and floats by their JSON text, so the
-integer 2**64 and 2**64 + 1 stay two keys; true, false, null, objects and arrays are
-not keys.
+`id`. Strings are used as they are, integers by their decimal digits (so 2**64 and
+2**64 + 1 stay two keys), and other numbers as Python prints the float, so `1e2`
+becomes "100.0". True, false, null, objects and arrays are not keys.
 """
 
 from __future__ import annotations
