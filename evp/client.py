@@ -522,7 +522,9 @@ class Consumer:
             self.partitions = []
             if self.fatal_error is not None:
                 raise self.fatal_error
-            if self._stopped or self._left.is_set():
+            if self._stopped or self._left.is_set() or self._leaving:
+                # A member that asked to leave does not come back: its unacknowledged
+                # events go to the other members.
                 return
             self.reconnects += 1
             logger.warning("member=%s lost its connection to the queue; reconnecting", self.member)

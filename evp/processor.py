@@ -315,8 +315,17 @@ class Shard:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         draining = asyncio.Event()
+
+        def on_signal() -> None:
+            # The first signal drains; a second one (or the kernel's SIGTERM when the
+            # supervisor dies during a drain) disconnects at once.
+            if draining.is_set():
+                logger.warning("member=%s stopping without finishing its drain", self.member)
+                self.consumer.stop()
+            draining.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, draining.set)
+            loop.add_signal_handler(signum, on_signal)
         consume = asyncio.create_task(self.consumer.run())
         reporter = asyncio.create_task(self._report_periodically())
         drain_wait = asyncio.create_task(draining.wait())
