@@ -492,14 +492,10 @@ class Consumer:
         while not self._stopped:
             try:
                 connection, welcome = await connect(self.address, self._on_frame, token=self.token)
-            except ServerError as exc:
-                if exc.code == "authentication_failed":
-                    raise
-                logger.warning("member=%s: %s; retrying in %.1f s", self.member, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
-                continue
             except ClientError as exc:
+                # ServerError is a ClientError; only a wrong token is final.
+                if isinstance(exc, ServerError) and exc.code == "authentication_failed":
+                    raise
                 logger.warning("member=%s: %s; retrying in %.1f s", self.member, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)

@@ -85,10 +85,13 @@ async def _run_publisher_with_view(address: str, count: int, rate: float, consol
             try:
                 snapshot = await stats.fetch_snapshot(address)
                 caught_up = done and all(group["lag"] == 0 for group in snapshot["groups"])
-                header = Text(
-                    "publishing…" if not done else ("done" if caught_up else "processing the backlog…"),
-                    style="bold",
-                )
+                if not done:
+                    status = "publishing…"
+                elif caught_up:
+                    status = "done"
+                else:
+                    status = "processing the backlog…"
+                header = Text(status, style="bold")
                 live.update(Group(header, stats.render(snapshot)), refresh=True)
             except ClientError:
                 caught_up = False

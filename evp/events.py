@@ -1,4 +1,4 @@
-"""Events as the publisher sees them: reading JSON lines, finding keys, generating.
+"""Events on the publisher's side: reading JSON lines, finding keys, generating.
 
 The key of an event decides its partition. It is taken from the `--key-field` dotted
 path when one is given, else from the CloudEvents attribute `partitionkey`, else from

@@ -14,7 +14,7 @@ Rules this module keeps:
   same key at the same time.
 - When a member dies (disconnects, misses heartbeats or is replaced by a new member
   with the same id), its cursors go back to `committed` and the unacknowledged events
-  are sent again to whoever owns the partition next. They are counted as redelivered.
+  are sent again to the partition's next owner. They are counted as redelivered.
 
 Assignment is consistent hashing with bounded loads over the member ids (see
 evp.hashing), recomputed on every join and leave.
@@ -322,10 +322,10 @@ class Group:
             if owner is not None and not cursor.moving:
                 owners[owner.id] = owner
         for owner in owners.values():
-            # A member still working through events it holds gets the new ones with
-            # the dispatch its next ACK triggers: it processes in order, so sending
-            # earlier would not process them earlier, and waiting lets many small
-            # publishes share one DELIVER frame per partition.
+            # A member with unacknowledged events gets new ones from the dispatch that
+            # its next ACK triggers. It processes in order, so sending earlier would
+            # not process them earlier, and waiting lets many small publishes share
+            # one DELIVER frame per partition.
             if owner.in_flight == 0:
                 self.dispatch(owner)
 

@@ -46,7 +46,7 @@ RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 30.0
 HANDLER_ATTEMPTS = 3
 STATUS_INTERVAL_S = 1.0
-# The longest a shard runs handlers without letting its event loop send heartbeats and
+# Maximum time a shard runs handlers before it lets its event loop send heartbeats and
 # read frames.
 YIELD_INTERVAL_S = 0.1
 LATENCY_WINDOW_S = 30.0

@@ -10,8 +10,8 @@ Control frames (HELLO, WELCOME, ERROR, JOIN, ASSIGNED, STATS) carry a JSON objec
 because they are rare and their fields grow over versions. Data frames (PUBLISH,
 PUBLISHED, DELIVER, ACK) are binary, because they carry every event and their cost is
 paid per event. A connection starts with HELLO from the client and WELCOME from the
-server; the HELLO names the protocol version, and a server that does not speak it
-answers with an ERROR and closes.
+server; the HELLO names the protocol version, and a server that does not support it
+responds with an ERROR and closes.
 
 The decoder enforces a maximum frame size before it buffers a frame, so a peer cannot
 make the other side allocate more than that by announcing a large length. Any

@@ -14,8 +14,8 @@ from evp.client import Producer
 
 logger = logging.getLogger("evp.publisher")
 
-# The publisher computes how many events are due at most this often; at 100 events/s
-# that is one event per tick, at 100,000 events/s about 100 per batch.
+# The publisher computes how many events are due at most this often. At 100 events/s
+# that is one event per tick, and at 100,000 events/s about 100 per batch.
 TICK_S = 0.001
 # Events generated between two yields to the event loop, so acknowledgements are read
 # while a fast or unlimited publish runs.

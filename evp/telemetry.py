@@ -293,9 +293,9 @@ class Telemetry:
         }
 
 
-# Prometheus exposition. Bucket bounds in seconds for the latency histogram; the
-# shards' finer log-scale buckets are summed into the first bound at or above each
-# bucket's upper edge.
+# Prometheus exposition: bucket bounds in seconds for the latency histogram. Each of
+# the shards' finer log-scale buckets is counted in the first bound at or above its
+# upper edge.
 PROMETHEUS_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
