@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -225,7 +226,10 @@ class Producer:
         self.rejected = 0
         self.reconnects = 0
         self.max_event_bytes = 0
-        self._seq = 0
+        # A random id and a number for every event let the queue skip a batch it
+        # already stored when this producer sends it again after a lost acknowledgement.
+        self.producer_id = f"{secrets.randbits(64) or 1:016x}"
+        self._next_sequence = 1
         self._open: dict[str, _Batch] = {}
         self._unacked: collections.OrderedDict[int, _Batch] = collections.OrderedDict()
         self._unacked_events = 0
@@ -246,7 +250,9 @@ class Producer:
         self._runner = asyncio.create_task(self._keep_connected())
 
     async def _connect(self) -> None:
-        connection, welcome = await connect(self.address, self._on_frame, token=self.token)
+        connection, welcome = await connect(
+            self.address, self._on_frame, token=self.token, producer_id=self.producer_id
+        )
         self.max_event_bytes = welcome.max_event_bytes
         # A batch must fit in one frame under the queue's limit, with room for the
         # frame and batch headers.
@@ -319,8 +325,9 @@ class Producer:
 
     def _seal(self, topic: str) -> None:
         batch = self._open.pop(topic)
-        self._seq += 1
-        batch.seq = self._seq
+        # A batch's seq is the sequence number of its first event; event i has seq + i.
+        batch.seq = self._next_sequence
+        self._next_sequence += len(batch.entries)
         self._unacked[batch.seq] = batch
 
     def _flush_open(self) -> None:

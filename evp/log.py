@@ -30,6 +30,17 @@ CorruptLog. That includes records missing after a power loss from a sealed segme
 written since the last sync, because the next segment's name still promises them.
 Files whose names are not segment names are ignored and logged once.
 
+Producer state
+--------------
+A publisher that lost an acknowledgement sends its batch again, so the log remembers,
+per producer id, the sequence number of the last event it stored, and the queue skips
+events at or below it. The state is rebuilt at open from the records of the active
+segment, which the recovery scan reads anyway, on top of ``producers.json``. That file
+is written when the log rolls to a new segment and holds the state as it was at the
+end of the sealed segments, so a resend right after a roll is still recognised. Only
+the ``MAX_PRODUCERS`` producers that published most recently are remembered; a
+producer forgotten that way loses only duplicate detection, never events.
+
 Memory
 ------
 Memory does not grow with the size of the log:
@@ -68,6 +79,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import orjson
+
 from evp import records
 
 logger = logging.getLogger("evp.log")
@@ -88,6 +101,12 @@ SCAN_BLOCK_BYTES = 1024 * 1024
 # Sealed segments whose file descriptor and index stay open after a read. A consumer
 # reading a backlog moves through segments in order, so a few suffice. A guess.
 MAX_OPEN_SEALED_SEGMENTS = 8
+
+# Producers whose last sequence number each log remembers, most recent first. Every
+# run of `evp publish` and every shard with an output topic is one producer.
+MAX_PRODUCERS = 4096
+
+PRODUCERS_FILE = "producers.json"
 
 # Directories are opened read-only to fsync them.
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
@@ -249,33 +268,58 @@ def _next_record_end(view: memoryview, position: int) -> int:
     return position + records.PREFIX.size + body_bytes
 
 
+def _remember_producers(
+    producers: OrderedDict[int, int], pairs: Sequence[tuple[int, int]]
+) -> None:
+    """Record `(producer, sequence)` pairs in order, the last one of a producer winning."""
+    for producer, sequence in pairs:
+        if producer:
+            producers[producer] = sequence
+            producers.move_to_end(producer)
+    while len(producers) > MAX_PRODUCERS:
+        producers.popitem(last=False)
+
+
 def _scan_segment(
-    fd: int, size_bytes: int, base_offset: int, verify: bool, index: _SparseIndex
+    fd: int,
+    size_bytes: int,
+    base_offset: int,
+    verify: bool,
+    index: _SparseIndex,
+    producers: OrderedDict[int, int] | None = None,
 ) -> _ScanResult:
     """Scan a segment from its start in SCAN_BLOCK_BYTES blocks, filling `index`.
 
     Stops at the first record that is torn, invalid (checksums only when `verify` is
-    set) or contains an offset other than the next one expected.
+    set) or contains an offset other than the next one expected. The producer and
+    sequence of each valid record go into `producers` when it is given.
     """
     position = 0
     offset = base_offset
     needed_bytes = 0  # set when one record is longer than the block read
+    pairs: list[tuple[int, int]] | None = [] if producers is not None else None
     while position < size_bytes:
         length = min(max(SCAN_BLOCK_BYTES, needed_bytes), size_bytes - position)
         block = _pread(fd, length, position)
         if len(block) < length:
             return _ScanResult(position, offset, f"the file ended at byte {position + len(block)}")
-        offsets, ends, stop = records.scan(block, verify)
+        if pairs is not None:
+            pairs.clear()
+        offsets, ends, stop = records.scan(block, verify, pairs)
         count = len(offsets)
         if count and offsets != list(range(offset, offset + count)):
             first_bad = next(i for i in range(count) if offsets[i] != offset + i)
             problem = f"record has offset {offsets[first_bad]}, expected {offset + first_bad}"
             if first_bad:
                 index.add_batch(offset, position, ends[:first_bad])
+            if producers is not None and pairs is not None:
+                _remember_producers(producers, pairs[:first_bad])
             end = ends[first_bad - 1] if first_bad else 0
             return _ScanResult(position + end, offset + first_bad, problem)
         if count:
             index.add_batch(offset, position, ends)
+            if producers is not None and pairs is not None:
+                _remember_producers(producers, pairs)
             offset += count
         position += stop
         if stop == len(block):
@@ -336,6 +380,8 @@ class PartitionLog:
         # Set when a failed append could not be undone, which may leave a partial record
         # at the end of the active segment.
         self._append_error: str | None = None
+        # Producer id -> sequence of its last stored event, least recent first.
+        self.producers: OrderedDict[int, int] = OrderedDict()
 
         # The tail: parallel lists of batch base offsets and (bytes, record ends), live
         # from _tail_head on. Evicted entries are set to None and compacted in bulk.
@@ -361,6 +407,7 @@ class PartitionLog:
             logger.debug("log %s: new log in %s", self.name, self.directory)
             return
 
+        self._load_producers(bases[-1])
         for base in bases[:-1]:
             path = _segment_path(self.directory, base)
             segment = _Segment(base, path, path.stat().st_size)
@@ -397,7 +444,7 @@ class PartitionLog:
             match = SEGMENT_NAME.match(entry.name)
             if match and entry.is_file():
                 bases.append(int(match.group(1)))
-            else:
+            elif entry.name not in (PRODUCERS_FILE, PRODUCERS_FILE + ".tmp"):
                 unknown.append(entry.name)
         if unknown:
             unknown.sort()
@@ -414,6 +461,42 @@ class PartitionLog:
         bases.sort()
         return bases
 
+    def _load_producers(self, active_base: int) -> None:
+        """Start from the producer state saved when the active segment was created."""
+        path = self.directory / PRODUCERS_FILE
+        try:
+            saved = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, orjson.JSONDecodeError) as exc:
+            logger.warning("log %s: ignoring unreadable %s: %s", self.name, path, exc)
+            return
+        if not isinstance(saved, dict) or saved.get("segment") != active_base:
+            # Written for an older segment, or by a roll whose segment did not survive:
+            # the active segment's own records are all the state there is.
+            return
+        try:
+            pairs = [(int(producer, 16), int(sequence)) for producer, sequence in saved["producers"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("log %s: ignoring malformed %s: %s", self.name, path, exc)
+            return
+        _remember_producers(self.producers, pairs)
+
+    def _save_producers(self, segment_base: int) -> None:
+        """Write the producer state as of the start of the segment at `segment_base`."""
+        path = self.directory / PRODUCERS_FILE
+        temporary = path.with_name(PRODUCERS_FILE + ".tmp")
+        state = {
+            "segment": segment_base,
+            "producers": [[f"{producer:016x}", sequence] for producer, sequence in self.producers.items()],
+        }
+        try:
+            temporary.write_bytes(orjson.dumps(state))
+            os.replace(temporary, path)
+        except OSError as exc:
+            # Only duplicate detection across this roll is at stake, not stored events.
+            logger.warning("log %s: could not write %s: %s", self.name, path, exc)
+
     def _recover_active(self, base_offset: int) -> None:
         """Scan the last segment, truncate it after its last valid record, open it."""
         path = _segment_path(self.directory, base_offset)
@@ -421,7 +504,7 @@ class PartitionLog:
         try:
             size_bytes = os.fstat(fd).st_size
             index = _SparseIndex()
-            result = _scan_segment(fd, size_bytes, base_offset, True, index)
+            result = _scan_segment(fd, size_bytes, base_offset, True, index, self.producers)
             if result.valid_bytes < size_bytes:
                 logger.warning(
                     "log %s: truncating %s at byte %d, dropping %d bytes: %s",
@@ -465,11 +548,22 @@ class PartitionLog:
             self._unsynced_directories[self.directory] = None
         return segment
 
-    def append(self, entries: list[tuple[bytes, bytes, int]]) -> int:
+    def last_sequence(self, producer: int) -> int:
+        """Return the sequence of the last stored event of `producer`, or 0 if none."""
+        return self.producers.get(producer, 0)
+
+    def append(
+        self,
+        entries: list[tuple[bytes, bytes, int]],
+        producer: int = 0,
+        sequences: list[int] | None = None,
+    ) -> int:
         """Append `(key, value, timestamp_us)` entries as one batch; return its base offset.
 
-        Raises the OSError of a failed write after truncating the segment back to its
-        previous end, so no partial record stays in the log and next_offset is unchanged.
+        `producer` and `sequences` (one per entry, increasing) identify the events for
+        duplicate detection; see ``last_sequence``. Raises the OSError of a failed write
+        after truncating the segment back to its previous end, so no partial record
+        stays in the log and next_offset is unchanged.
         """
         self._check_open()
         if self._append_error is not None:
@@ -478,9 +572,10 @@ class PartitionLog:
             raise ValueError("append needs at least one entry")
 
         base_offset = self.next_offset
-        data, ends = records.encode_batch(base_offset, entries)
+        data, ends = records.encode_batch(base_offset, entries, producer, sequences)
         segment = self._active
         if segment.size_bytes and segment.size_bytes + len(data) > self.segment_bytes:
+            self._save_producers(base_offset)
             segment = self._create_segment(base_offset)
             logger.debug("log %s: rolled to segment %s", self.name, segment.path.name)
         position = segment.size_bytes
@@ -491,6 +586,8 @@ class PartitionLog:
         assert segment.index is not None  # the active segment always has its index
         segment.index.add_batch(base_offset, position, ends)
         self.next_offset = base_offset + len(ends)
+        if producer and sequences:
+            _remember_producers(self.producers, ((producer, sequences[-1]),))
         self._add_to_tail(base_offset, data, ends)
         with self._lock:
             self._unsynced[segment] = None

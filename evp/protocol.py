@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # 16 MiB: room for a batch of many events, and a bound on what one peer can make the
 # other buffer. Kafka's default message.max.bytes is about 1 MiB per batch; evp batches

@@ -7,12 +7,18 @@ appended, and never re-encoded on its way out.
 Layout, all integers big-endian::
 
     u32  crc        CRC-32C of every byte after the length field
-    u32  length     number of bytes after this field (18 + key length + value length)
+    u32  length     number of bytes after this field (34 + key length + value length)
     u64  offset     position of the record in its partition, assigned by the queue
     u64  timestamp  publish time, microseconds since the Unix epoch, set by the publisher
+    u64  producer   id of the publishing producer, or 0 when it sent none
+    u64  sequence   the producer's number for this event, counting from 1 (0 without id)
     u16  key_len    length of the key in bytes
     ...  key        UTF-8
     ...  value      the event, a JSON object in UTF-8
+
+The producer id and sequence let the queue recognise an event that a producer sends
+again after a lost acknowledgement, including after the queue itself restarted: the
+log is the only place the queue needs to look (see ``evp.log``).
 
 The checksum is CRC-32C (Castagnoli), the polynomial with hardware support on x86 and
 ARM that Kafka, ext4 and iSCSI also use.
@@ -27,10 +33,12 @@ from typing import NamedTuple
 from crc32c import crc32c
 
 PREFIX = struct.Struct(">II")  # crc, length
-BODY_HEADER = struct.Struct(">QQH")  # offset, timestamp, key_len
-HEADER = struct.Struct(">IIQQH")
-HEADER_BYTES = HEADER.size  # 26
-BODY_HEADER_BYTES = BODY_HEADER.size  # 18
+BODY_HEADER = struct.Struct(">QQQQH")  # offset, timestamp, producer, sequence, key_len
+HEADER = struct.Struct(">IIQQQQH")
+HEADER_BYTES = HEADER.size  # 42
+BODY_HEADER_BYTES = BODY_HEADER.size  # 34
+# Stored in each topic's metadata; a topic written in another format is refused.
+FORMAT_VERSION = 2
 MAX_KEY_BYTES = 0xFFFF
 
 
@@ -47,19 +55,32 @@ class Record(NamedTuple):
     timestamp_us: int
     key: bytes
     value: bytes
+    producer: int = 0
+    sequence: int = 0
 
 
-def encode(offset: int, timestamp_us: int, key: bytes, value: bytes) -> bytes:
+def encode(
+    offset: int,
+    timestamp_us: int,
+    key: bytes,
+    value: bytes,
+    producer: int = 0,
+    sequence: int = 0,
+) -> bytes:
     """Encode one record, checksum included."""
-    body = BODY_HEADER.pack(offset, timestamp_us, len(key)) + key + value
+    body = BODY_HEADER.pack(offset, timestamp_us, producer, sequence, len(key)) + key + value
     return PREFIX.pack(crc32c(body), len(body)) + body
 
 
 def encode_batch(
-    base_offset: int, entries: list[tuple[bytes, bytes, int]]
+    base_offset: int,
+    entries: list[tuple[bytes, bytes, int]],
+    producer: int = 0,
+    sequences: list[int] | None = None,
 ) -> tuple[bytes, list[int]]:
     """Encode `(key, value, timestamp_us)` entries as consecutive records.
 
+    `sequences`, when given, holds the producer's sequence number of each entry.
     Returns the bytes and the end position of each record within them, which lets the
     caller cut the batch at any record boundary without parsing it again.
     """
@@ -69,8 +90,9 @@ def encode_batch(
     pack_body = BODY_HEADER.pack
     pack_prefix = PREFIX.pack
     offset = base_offset
-    for key, value, timestamp_us in entries:
-        body = pack_body(offset, timestamp_us, len(key)) + key + value
+    numbers = sequences if sequences is not None else [0] * len(entries)
+    for (key, value, timestamp_us), sequence in zip(entries, numbers, strict=True):
+        body = pack_body(offset, timestamp_us, producer, sequence, len(key)) + key + value
         parts.append(pack_prefix(crc32c(body), len(body)))
         parts.append(body)
         position += 8 + len(body)
@@ -109,7 +131,7 @@ def decode(buffer: bytes | memoryview, verify: bool = True) -> Iterator[Record]:
         body = view[body_start:body_end]
         if verify and crc32c(body) != crc:
             raise CorruptRecord(f"checksum mismatch in record at byte {position}", position)
-        offset, timestamp_us, key_len = unpack_body(body)
+        offset, timestamp_us, producer, sequence, key_len = unpack_body(body)
         key_end = BODY_HEADER_BYTES + key_len
         if key_end > length:
             raise CorruptRecord(
@@ -117,17 +139,29 @@ def decode(buffer: bytes | memoryview, verify: bool = True) -> Iterator[Record]:
                 f"in a body of {length}",
                 position,
             )
-        yield Record(offset, timestamp_us, bytes(body[BODY_HEADER_BYTES:key_end]), bytes(body[key_end:]))
+        yield Record(
+            offset,
+            timestamp_us,
+            bytes(body[BODY_HEADER_BYTES:key_end]),
+            bytes(body[key_end:]),
+            producer,
+            sequence,
+        )
         position = body_end
 
 
-def scan(buffer: bytes | memoryview, verify: bool = True) -> tuple[list[int], list[int], int]:
+def scan(
+    buffer: bytes | memoryview,
+    verify: bool = True,
+    producers: list[tuple[int, int]] | None = None,
+) -> tuple[list[int], list[int], int]:
     """Find whole, valid records at the start of `buffer`.
 
     Returns `(offsets, ends, stop)`: the offset and end position of each valid record,
     and the position where scanning stopped. `stop` is less than `len(buffer)` when the
     buffer ends in a partial record or when a record is corrupt, which is how recovery
-    finds a torn tail.
+    finds a torn tail. When `producers` is given, `(producer, sequence)` of each valid
+    record is appended to it, in the order of `offsets`.
     """
     view = memoryview(buffer)
     end = len(view)
@@ -144,9 +178,11 @@ def scan(buffer: bytes | memoryview, verify: bool = True) -> tuple[list[int], li
         body = view[position + 8 : body_end]
         if verify and crc32c(body) != crc:
             break
-        offset, _, key_len = unpack_body(body)
+        offset, _, producer, sequence, key_len = unpack_body(body)
         if BODY_HEADER_BYTES + key_len > length:
             break
+        if producers is not None:
+            producers.append((producer, sequence))
         offsets.append(offset)
         ends.append(body_end)
         position = body_end

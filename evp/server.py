@@ -24,6 +24,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import signal
 import ssl
 import time
@@ -146,8 +147,13 @@ class QueueServer:
             except events.InvalidEvent as exc:
                 raise InvalidEvent(f"event {index} is invalid: {exc}") from None
 
-    def publish(self, frame: protocol.Publish) -> list[int]:
-        """Validate, route and append one batch. Returns the partitions written."""
+    def publish(self, frame: protocol.Publish, producer: int = 0) -> list[int]:
+        """Validate, route and append one batch. Returns the partitions written.
+
+        With a `producer` id, entry i carries sequence number ``frame.seq + i`` and an
+        entry at or below the last sequence its partition stored for that producer is
+        skipped: it is a resend of an event already in the log.
+        """
         try:
             check_name("topic", frame.topic)
         except StorageError as exc:
@@ -155,31 +161,47 @@ class QueueServer:
         self.validate(frame.entries)
         topic = self.store.topic(frame.topic)
         count = topic.partition_count
-        by_partition: dict[int, list[tuple[bytes, bytes, int]]] = {}
+        by_partition: dict[int, tuple[list[tuple[bytes, bytes, int]], list[int]]] = {}
         partition_for = hashing.partition_for
         count_key = self.telemetry.key_counter(topic).add
+        sequence = frame.seq
         for entry in frame.entries:
             partition = partition_for(entry[0], count)
             count_key(entry[0], partition)
             batch = by_partition.get(partition)
             if batch is None:
-                by_partition[partition] = [entry]
+                by_partition[partition] = ([entry], [sequence])
             else:
-                batch.append(entry)
+                batch[0].append(entry)
+                batch[1].append(sequence)
+            sequence += 1
         written: list[int] = []
-        # NOTE: when the disk fails part-way, the partitions before the failure keep
-        # their events while the batch is reported as not stored, so the publisher's
-        # retry stores those events twice.
+        # When the disk fails part-way, the partitions before the failure keep their
+        # events while the batch is reported as not stored. The producer sends it again
+        # and, with a producer id, those partitions skip what they already hold.
         try:
-            for partition, batch in by_partition.items():
-                topic.logs[partition].append(batch)
+            for partition, (entries, sequences) in by_partition.items():
+                log = topic.logs[partition]
+                if producer:
+                    last = log.last_sequence(producer)
+                    if sequences[0] <= last:
+                        kept = [i for i, number in enumerate(sequences) if number > last]
+                        topic.duplicates_dropped += len(sequences) - len(kept)
+                        if not kept:
+                            continue
+                        entries = [entries[i] for i in kept]
+                        sequences = [sequences[i] for i in kept]
+                    log.append(entries, producer, sequences)
+                else:
+                    log.append(entries)
                 written.append(partition)
-                topic.events_in += len(batch)
+                topic.events_in += len(entries)
         finally:
             # Partitions appended before a failure hold events too: dispatch them.
-            for (topic_name, _), group in self.groups.items():
-                if topic_name == frame.topic:
-                    group.on_append(written)
+            if written:
+                for (topic_name, _), group in self.groups.items():
+                    if topic_name == frame.topic:
+                        group.on_append(written)
         return written
 
     def request_sync(self, connection: ServerConnection, seq: int, count: int) -> None:
@@ -446,6 +468,16 @@ class QueueServer:
         logger.info("queue stopped")
 
 
+PRODUCER_ID = re.compile(r"[0-9A-Fa-f]{1,16}")
+
+
+def _parse_producer_id(text: str) -> int | None:
+    """Return the producer id HELLO carries as an integer, or None if it is malformed."""
+    if PRODUCER_ID.fullmatch(text) is None:
+        return None
+    return int(text, 16) or None
+
+
 class ServerConnection(asyncio.Protocol):
     """One client connection: feeds the codec, acts on frames, owns flow control."""
 
@@ -455,6 +487,7 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.ready = False  # handshake done
+        self.producer = 0  # producer id from HELLO; 0 means resends are not detected
         self.member: Member | None = None
         self.group: Group | None = None
         self.closed = False
@@ -643,6 +676,17 @@ class ServerConnection(asyncio.Protocol):
                 )
                 self.close("authentication failed")
                 return
+        if frame.producer_id:
+            producer = _parse_producer_id(frame.producer_id)
+            if producer is None:
+                self.send_error(
+                    "invalid_producer_id",
+                    f"producer id {frame.producer_id[:40]!r} is not 1 to 16 hexadecimal "
+                    f"digits with a value above 0; let the client generate it",
+                )
+                self.close("invalid producer id")
+                return
+            self.producer = producer
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.ready = True
@@ -659,7 +703,7 @@ class ServerConnection(asyncio.Protocol):
     def _publish(self, frame: protocol.Publish) -> None:
         server = self.server
         try:
-            server.publish(frame)
+            server.publish(frame, self.producer)
         except InvalidEvent as exc:
             self.send_error("invalid_event", str(exc), seq=frame.seq, fatal=False)
             return

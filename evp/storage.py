@@ -3,7 +3,7 @@
 Layout::
 
     <data-dir>/
-      topics/<topic>/topic.json          {"partitions": 64, "created_at": "..."}
+      topics/<topic>/topic.json          {"partitions": 64, "record_format": 2, ...}
       topics/<topic>/<partition>/        one PartitionLog per partition, named 00000..
       groups/<topic>/<group>.json        {"offsets": {"<partition>": next_offset, ...}}
 
@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from evp import records
 from evp.log import PartitionLog
 
 logger = logging.getLogger("evp.storage")
@@ -115,6 +116,8 @@ class Topic:
         ]
         self.events_in = 0
         self.bytes_in = 0
+        # Events a producer sent again that the log already held, skipped at publish.
+        self.duplicates_dropped = 0
 
     @property
     def partition_count(self) -> int:
@@ -191,8 +194,15 @@ class Store:
                 data = orjson.loads(meta.read_bytes())
                 partitions = int(data["partitions"])
                 retention = Retention.from_json(data["retention"]) if data.get("retention") else None
+                record_format = int(data.get("record_format", 1))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise StorageError(f"cannot read {meta}: {exc}") from exc
+            if record_format != records.FORMAT_VERSION:
+                raise StorageError(
+                    f"topic {entry.name!r} stores records in format {record_format} "
+                    f"({meta}), and this evp reads format {records.FORMAT_VERSION}; run the "
+                    f"evp release that wrote it, or move --data-dir aside to start empty"
+                )
             self.topics[entry.name] = Topic(
                 entry.name, entry, partitions, self.segment_bytes, self.tail_bytes, retention
             )
@@ -223,6 +233,7 @@ class Store:
         directory.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {
             "partitions": partitions,
+            "record_format": records.FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if retention is not None:

@@ -222,6 +222,7 @@ class Telemetry:
                     "events": topic.stored_events(),
                     "bytes": topic.size_bytes(),
                     "events_in": topic.events_in,
+                    "duplicates_dropped": topic.duplicates_dropped,
                     "events_in_per_s": rates.rate(("in", name)),
                     "events_in_history": rates.history(("in", name)),
                     "hot_keys": self.hot_keys.get(name, []),
@@ -344,11 +345,17 @@ class SnapshotCollector:
         events_in = CounterMetricFamily("evp_events_in", "Events published.", labels=["topic"])
         stored = GaugeMetricFamily("evp_topic_events", "Events stored.", labels=["topic"])
         size = GaugeMetricFamily("evp_topic_bytes", "Bytes of segment files.", labels=["topic"])
+        duplicates = CounterMetricFamily(
+            "evp_duplicates_dropped",
+            "Events sent again by their producer and skipped because the log held them.",
+            labels=["topic"],
+        )
         for topic in snapshot["topics"]:
             events_in.add_metric([topic["name"]], topic["events_in"])
             stored.add_metric([topic["name"]], topic["events"])
             size.add_metric([topic["name"]], topic["bytes"])
-        yield from (events_in, stored, size)
+            duplicates.add_metric([topic["name"]], topic["duplicates_dropped"])
+        yield from (events_in, stored, size, duplicates)
 
         group_labels = ["topic", "group"]
         lag = GaugeMetricFamily("evp_group_lag_events", "Events not yet acknowledged.", labels=group_labels)

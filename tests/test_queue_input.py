@@ -480,7 +480,7 @@ def test_token_not_logged(evp):
         connection.send(raw_frame(FrameType.HELLO, hello))
         connection.read_until_closed()
     with RawConnection(address) as connection:
-        connection.handshake(token=TOKEN, producer_id="p-1")
+        connection.handshake(token=TOKEN, producer_id="00000000000000a1")
         connection.send(raw_frame(0x7F, TOKEN.encode()))
         connection.read_until_closed()
     assert_queue_serves(process, address, {}, token=TOKEN)
