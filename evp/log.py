@@ -548,6 +548,12 @@ class PartitionLog:
             self._unsynced_directories[self.directory] = None
         return segment
 
+    def check_writable(self) -> None:
+        """Raise OSError (EIO) if a failed write or fsync has stopped appends."""
+        self._check_open()
+        if self._append_error is not None:
+            raise OSError(errno.EIO, self._append_error)
+
     def last_sequence(self, producer: int) -> int:
         """Return the sequence of the last stored event of `producer`, or 0 if none."""
         return self.producers.get(producer, 0)
@@ -565,9 +571,7 @@ class PartitionLog:
         after truncating the segment back to its previous end, so no partial record
         stays in the log and next_offset is unchanged.
         """
-        self._check_open()
-        if self._append_error is not None:
-            raise OSError(errno.EIO, self._append_error)
+        self.check_writable()
         if not entries:
             raise ValueError("append needs at least one entry")
 
@@ -659,7 +663,8 @@ class PartitionLog:
         After an fsync error the segments stay queued and ``dirty`` stays set, but a
         later successful fsync does not prove the data is on disk. Linux may discard the
         dirty pages whose writeback failed and report success on the next fsync (see
-        "Fsync Errors" on the PostgreSQL wiki), so treat the error as data loss.
+        "Fsync Errors" on the PostgreSQL wiki), so the log treats the error as data loss
+        and refuses appends from then on (``check_writable``).
         """
         with self._lock:
             if self._closed:
@@ -690,9 +695,17 @@ class PartitionLog:
                 os.fsync(fd)
             for directory in directories:
                 _fsync_directory(directory)
-        except OSError:
+        except OSError as error:
             with self._lock:
                 self._requeue(segments, directories)
+            # The pages whose writeback failed may be gone while reads still see them,
+            # so nothing appended so far can be called durable. Appends stop until a
+            # restart rebuilds the log from what the disk really holds.
+            self._append_error = (
+                f"log {self.name} stopped appending: fsync failed ({error}); restart the "
+                f"queue once the disk is healthy"
+            )
+            logger.error("%s", self._append_error)
             raise
         finally:
             for fd in fds:

@@ -183,6 +183,8 @@ class QueueServer:
             for partition, (entries, sequences) in by_partition.items():
                 log = topic.logs[partition]
                 if producer:
+                    # A resend is acknowledged only by a log that can still store it.
+                    log.check_writable()
                     last = log.last_sequence(producer)
                     if sequences[0] <= last:
                         kept = [i for i, number in enumerate(sequences) if number > last]
@@ -709,13 +711,19 @@ class ServerConnection(asyncio.Protocol):
             return
         except OSError as exc:
             logger.error("appending to topic=%s failed: %s", frame.topic, exc)
+            # A producer's later batches must not be stored before this one is: their
+            # higher sequence numbers would make the queue skip this one's resend.
+            # Closing drops the frames already read, and the producer resends them all,
+            # in order, on its next connection.
             self.send_error(
                 "storage_error",
                 f"the queue could not write the batch: {os.strerror(exc.errno or 0)}; "
                 f"it was not acknowledged, retry later",
                 seq=frame.seq,
-                fatal=False,
+                fatal=bool(self.producer),
             )
+            if self.producer:
+                self.close("storage error with a producer id")
             return
         except OffsetOutOfRange as exc:  # pragma: no cover - a bug, not an input error
             logger.exception("offset out of range while publishing: %s", exc)

@@ -506,6 +506,32 @@ def test_sync_covers_rolled_segments(tmp_path: Path, monkeypatch: pytest.MonkeyP
     log.close()
 
 
+def test_failed_fsync_stops_appends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = PartitionLog(tmp_path)
+    log.append(make_entries(0, 2))
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "simulated writeback failure")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="simulated writeback failure"):
+        log.sync()
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="fsync failed") as raised:
+        log.append(make_entries(2, 1))
+    assert raised.value.errno == errno.EIO
+    with pytest.raises(OSError, match="restart the queue"):
+        log.check_writable()
+    assert log.next_offset == 2
+    log.close()
+
+    reopened = PartitionLog(tmp_path)
+    assert reopened.next_offset == 2
+    reopened.append(make_entries(2, 1))
+    assert reopened.next_offset == 3
+    reopened.close()
+
+
 def test_sync_thread_stress(tmp_path: Path) -> None:
     log = PartitionLog(tmp_path, segment_bytes=4096, tail_bytes=2048)
     stop = threading.Event()
