@@ -28,8 +28,13 @@ app = typer.Typer(
 def _add_admin_commands() -> None:
     from evp.cli_admin import groups_app, topics_app
 
+    from evp.cli_tools import replay, route, tail
+
     app.add_typer(topics_app, name="topics")
     app.add_typer(groups_app, name="groups")
+    app.command()(replay)
+    app.command()(tail)
+    app.command()(route)
 
 
 QueueAddress = Annotated[
@@ -328,30 +333,15 @@ def stats(
 ) -> None:
     """Show the queue's throughput, lag and shards, live."""
     from evp import stats as stats_view
-    from evp.client import ClientError, configure_tls, parse_address
+    from evp.cli_tools import run_async
 
-    try:
-        parse_address(queue)
-        configure_tls(tls_ca)
-    except (ValueError, ClientError) as exc:
-        _fail(str(exc))
-    import uvloop
-
-    try:
-        uvloop.run(
-            stats_view.watch(
-                queue, as_json=json_output, once=once, plain=plain, interval_s=interval, token=token
-            )
-        )
-    except ClientError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # The reader of stdout has gone, as in `evp stats | head -3`. Stop quietly, and point
-        # stdout at /dev/null so that the flush at exit raises no second BrokenPipeError.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
+    run_async(
+        lambda: stats_view.watch(
+            queue, as_json=json_output, once=once, plain=plain, interval_s=interval, token=token
+        ),
+        queue,
+        tls_ca,
+    )
 
 
 @app.command()
