@@ -28,10 +28,12 @@ app = typer.Typer(
 def _add_admin_commands() -> None:
     from evp.cli_admin import groups_app, topics_app
 
+    from evp.cli_dlq import dlq_app
     from evp.cli_tools import replay, route, tail
 
     app.add_typer(topics_app, name="topics")
     app.add_typer(groups_app, name="groups")
+    app.add_typer(dlq_app, name="dlq")
     app.command()(replay)
     app.command()(tail)
     app.command()(route)
