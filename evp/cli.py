@@ -243,8 +243,11 @@ def publish(
     count: Annotated[int | None, typer.Option(envvar="EVP_COUNT", min=0, help="Stop after this many events.", show_default=False)] = None,
     duration: Annotated[float | None, typer.Option(envvar="EVP_DURATION", min=0, help="Stop after this many seconds; 0 or unset runs until the input ends or Ctrl-C.", show_default=False)] = None,
     file: Annotated[str | None, typer.Option("--file", envvar="EVP_FILE", help="JSON-lines file to publish (.gz is decompressed); - for standard input. Without it, random events are generated.", show_default=False)] = None,
-    key_field: Annotated[str | None, typer.Option(envvar="EVP_KEY_FIELD", help="Dotted path of the key in each event, e.g. repo.name; default partitionkey, then id.", show_default=False)] = None,
+    key_field: Annotated[str | None, typer.Option(envvar="EVP_KEY_FIELD", help="Dotted path of the key in each event, e.g. repo.name; default partitionkey, then id. A CloudEvent's partitionkey always wins.", show_default=False)] = None,
     keys: Annotated[int, typer.Option(envvar="EVP_KEYS", min=1, help="Distinct user ids (keys) of generated events.")] = 1000,
+    cloudevents: Annotated[bool, typer.Option("--cloudevents", envvar="EVP_CLOUDEVENTS", help="Wrap each event in a CloudEvents 1.0 envelope (structured JSON) with its key as partitionkey.")] = False,
+    cloudevents_source: Annotated[str | None, typer.Option("--cloudevents-source", envvar="EVP_CLOUDEVENTS_SOURCE", help="CloudEvents source of wrapped events; default evp://<host name>/publish.", show_default=False)] = None,
+    cloudevents_type: Annotated[str, typer.Option("--cloudevents-type", envvar="EVP_CLOUDEVENTS_TYPE", help="CloudEvents type of wrapped events.")] = "evp.event",
     token: Token = None,
     tls_ca: TlsCa = None,
     log_level: LogLevel = "WARNING",
@@ -260,6 +263,10 @@ def publish(
         configure_tls(tls_ca)
         check_name("topic", topic)
         events.key_path(key_field)
+        if cloudevents_source is not None and not cloudevents_source.strip():
+            raise ValueError("invalid --cloudevents-source '': give a non-empty URI reference")
+        if not cloudevents_type.strip():
+            raise ValueError("invalid --cloudevents-type '': give a non-empty type")
         if not math.isfinite(rate):
             raise ValueError(f"invalid --rate {rate}: use a finite number of events per second, or 0 for no limit")
         if file is not None and file != "-":
@@ -279,6 +286,9 @@ def publish(
         key_field=key_field,
         keys=keys,
         token=token,
+        cloudevents=cloudevents,
+        cloudevents_source=cloudevents_source or events.default_cloudevent_source(),
+        cloudevents_type=cloudevents_type,
     )
     if file is None and count is None and duration is None:
         typer.echo("publishing generated events until Ctrl-C (set --count or --duration to stop)", err=True)
