@@ -40,9 +40,6 @@ class StoredRecord:
         moment = datetime.fromtimestamp(self.timestamp_us / 1e6, UTC)
         return moment.isoformat(timespec="microseconds")
 
-    def event(self) -> Any:
-        return orjson.loads(self.value)
-
     def json_line(self, event_only: bool = False) -> str:
         """Return the record as one JSON line: metadata and "event", or the event alone."""
         if event_only:
