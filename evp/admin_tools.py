@@ -114,17 +114,21 @@ async def groups_reset(server: QueueServer, args: dict[str, Any]) -> dict[str, A
     partitions = range(topic.partition_count)
     if args.get("partition") is not None:
         partitions = [_partition_arg(topic, args["partition"])]
-    created = (topic_name, group_name) not in server.groups
-    group = server.group(topic_name, group_name)
-    if group.members:
-        members = ", ".join(sorted(group.members))
+    existing = server.groups.get((topic_name, group_name))
+    if existing is not None and existing.members:
+        members = ", ".join(sorted(existing.members))
         raise AdminError(
             f"group {group_name!r} of topic {topic_name!r} has live members ({members}); "
             f"stop its processors before moving its positions"
         )
+    # Every new position is found before any is changed, so a failed search neither
+    # changes nor creates a group.
+    targets = {
+        partition: _reset_position(topic, partition, kind, value) for partition in partitions
+    }
+    group = server.group(topic_name, group_name)
     changes = []
-    for partition in partitions:
-        new, note = _reset_position(topic, partition, kind, value)
+    for partition, (new, note) in targets.items():
         cursor = group.cursors[partition]
         changes.append({"partition": partition, "old": cursor.committed, "new": new, "note": note})
         cursor.committed = new
@@ -136,6 +140,7 @@ async def groups_reset(server: QueueServer, args: dict[str, Any]) -> dict[str, A
         await server.save_groups()
     except OSError as exc:
         raise AdminError(f"the new positions could not be saved: {exc}") from None
+    created = existing is None
     return {"topic": topic_name, "group": group_name, "created": created, "partitions": changes}
 
 

@@ -344,3 +344,54 @@ def test_route_matches_processing_shard(evp, tmp_path):
     stop(processor)
     stopped = ok(evp.run("route", "user-0", "--topic", "events", "--queue", address))
     assert "no member owns it now" in stopped
+
+
+# The records.read operation behind evp tail.
+
+
+def read_records(address: str, args: dict[str, Any]) -> Any:
+    import asyncio
+
+    from evp.client import admin_request
+
+    return asyncio.run(admin_request(address, "records.read", args))
+
+
+@pytest.mark.timeout(60)
+def test_records_read_bounded_batches(evp, tmp_path):
+    _, address = evp.queue()
+    create_topic(evp, address, "events", partitions=1)
+    publish_lines(evp, address, "events", batch("a", 30))
+    positions = {"0": 0}
+    seen = []
+    calls = 0
+    while positions["0"] < 30:
+        result = read_records(address, {"topic": "events", "positions": positions, "max_records": 7})
+        assert len(result["records"]) <= 7
+        assert result["ends"] == {"0": 30}
+        seen.extend(orjson.loads(row["value"])["id"] for row in result["records"])
+        positions = result["positions"]
+        calls += 1
+    assert calls == 5
+    assert seen == [row["id"] for row in batch("a", 30)]
+    one = read_records(address, {"topic": "events", "positions": {"0": 0}, "max_bytes": 1})
+    assert len(one["records"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"topic": "events"}, "missing positions"),
+        ({"topic": "events", "positions": {"9": 0}}, "invalid partition 9"),
+        ({"topic": "events", "positions": {"0": -1}}, "invalid offset -1"),
+        ({"topic": "nope", "positions": {"0": 0}}, "topic 'nope' not found"),
+        ({"topic": "events", "positions": {"0": 0}, "key": 5}, "invalid key 5"),
+    ],
+)
+def test_records_read_invalid_args(evp, args, message):
+    from evp.client import ServerError
+
+    _, address = evp.queue()
+    create_topic(evp, address, "events", partitions=1)
+    with pytest.raises(ServerError, match=message):
+        read_records(address, args)
