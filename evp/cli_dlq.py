@@ -7,15 +7,16 @@ OFFSET is enough when only one partition has a dead letter at that offset.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from evp import events
 from evp.cli_admin import JsonOutput, QueueAddress, TlsCa, Token, _print_json, _request
 from evp.cli_tools import TopicName, fail, run_async
 from evp.deadletter import DeadLetter, dlq_topic
@@ -59,6 +60,14 @@ class Entry:
         }
 
 
+def _print_exact(value: Any) -> None:
+    """Print JSON like `_print_json`, also for integers beyond 64 bits, which orjson rejects."""
+    try:
+        _print_json(value)
+    except TypeError:
+        sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
 async def _read_entries(queue: str, topic: str, key: str | None, token: str | None) -> list[Entry] | None:
     """Read every dead letter of `topic`, or return None when its dlq topic does not exist."""
     from evp import reader
@@ -75,8 +84,10 @@ async def _read_entries(queue: str, topic: str, key: str | None, token: str | No
         letter = None
         problem = None
         try:
-            letter = DeadLetter.from_event(orjson.loads(record.value))
-        except (ValueError, orjson.JSONDecodeError) as exc:
+            # parse_line keeps integers beyond 64 bits exact, which orjson does not.
+            value, _ = events.parse_line(record.value.encode())
+            letter = DeadLetter.from_event(value)
+        except (ValueError, events.InvalidEvent) as exc:
             problem = str(exc)
         entries.append(Entry(record.partition, record.offset, record.key, record.value, letter, problem))
     return entries
@@ -130,7 +141,7 @@ def dlq_list(
     """List dead letters: dlq position, key, error, deliveries, original position, time."""
     entries = _load(queue, topic, key, token, tls_ca)
     if json_output:
-        _print_json([entry.to_json() for entry in entries])
+        _print_exact([entry.to_json() for entry in entries])
         return
     table = Table(title=f"Dead letters of {topic} (topic {dlq_topic(topic)})", title_justify="left")
     for column in ("dlq id", "key", "error", "deliveries", "from partition:offset", "failed at"):
@@ -169,7 +180,7 @@ def dlq_show(
     except ValueError as exc:
         fail(str(exc))
     for entry in shown:
-        _print_json(entry.to_json())
+        _print_exact(entry.to_json())
 
 
 @dlq_app.command("replay")
@@ -213,7 +224,7 @@ async def _publish_back(queue: str, topic: str, entries: list[Entry], token: str
     try:
         for entry in entries:
             assert entry.letter is not None
-            producer.publish(topic, entry.key.encode(), orjson.dumps(entry.letter.event))
+            producer.publish(topic, entry.key.encode(), events.dumps_event(entry.letter.event))
             await producer.wait_for_capacity()
         await producer.flush(30.0)
     finally:

@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from evp import __version__, protocol, records
 
 logger = logging.getLogger("evp.client")
@@ -356,7 +354,9 @@ class Producer:
 
     def publish_event(self, topic: str, key: str, event: dict[str, Any]) -> None:
         """Queue a dict as one event, keyed by `key`; see `publish`."""
-        self.publish(topic, key.encode(), orjson.dumps(event))
+        from evp.events import dumps_event
+
+        self.publish(topic, key.encode(), dumps_event(event))
 
     async def __aenter__(self) -> Producer:
         await self.start()

@@ -112,10 +112,7 @@ def to_cloudevent(
     a key field of the wrong type.
     """
     if is_cloudevent(event):
-        try:
-            return extract_key(event, paths), orjson.dumps(event)
-        except TypeError:
-            return extract_key(event, paths), _dumps_exact(event)
+        return extract_key(event, paths), dumps_event(event)
     envelope: dict[str, Any] = {
         "specversion": "1.0",
         "id": str(uuid.uuid4()),
@@ -130,12 +127,7 @@ def to_cloudevent(
         envelope["partitionkey"] = key.decode()
     except MissingKey:
         key = envelope["id"].encode()
-    try:
-        value = orjson.dumps(envelope)
-    except TypeError:
-        # orjson does not write integers beyond 64 bits; the standard library does.
-        value = _dumps_exact(envelope)
-    return key, value
+    return key, dumps_event(envelope)
 
 
 _MISSING = object()
@@ -207,6 +199,15 @@ def _parse_fallback(line: bytes, original: Exception | None) -> Any:
         raise InvalidEvent(f"invalid JSON: {original or exc}") from None
     except RecursionError:
         raise InvalidEvent("invalid JSON: nested too deeply") from None
+
+
+def dumps_event(event: dict[str, Any]) -> bytes:
+    """Encode an event as compact UTF-8 JSON, keeping integers beyond 64 bits exact."""
+    try:
+        return orjson.dumps(event)
+    except TypeError:
+        # orjson does not write integers beyond 64 bits; the standard library does.
+        return _dumps_exact(event)
 
 
 def _dumps_exact(event: dict[str, Any]) -> bytes:

@@ -151,6 +151,22 @@ def test_dlq_purge_rejected_while_consumed(evp, queue_with_letters, tmp_path):
     ok(evp.run("dlq", "purge", "--topic", "events", "--yes", "--queue", address))
 
 
+def test_dlq_keeps_large_integers(evp):
+    _, address = evp.queue()
+    big = 2**70 + 1
+    letter = dead_letter(5, "dave")
+    text = orjson.dumps(letter.to_event()).decode().replace('"amount":5', f'"amount":{big}')
+    ok(evp.run(
+        "publish", "--queue", address, "--topic", "events.dlq", "--file", "-",
+        "--key-field", "event.user", "--rate", "0", input=text.encode() + b"\n",
+    ))
+    shown = ok(evp.run("dlq", "show", "--topic", "events", "--queue", address))
+    assert f'"amount": {big}' in shown
+    ok(evp.run("dlq", "replay", "--topic", "events", "--queue", address))
+    replayed = ok(evp.run("tail", "--topic", "events", "--events-only", "--queue", address))
+    assert f'"amount":{big}' in replayed
+
+
 def test_dlq_missing_topic_message(evp):
     _, address = evp.queue()
     result = evp.run("dlq", "list", "--topic", "orders", "--queue", address)
