@@ -2,7 +2,7 @@
 
 - ``groups.reset`` moves a group's positions to an offset, a time, the start or the
   end of each partition, and saves them before it returns. It is rejected while the
-  group has members, because a live shard holds events past the old position.
+  group has members, because a live shard has unacknowledged events past the old position.
 - ``records.read`` returns a bounded batch of records from given positions without
   joining a group, so no group's positions change. Each call reads at most
   MAX_READ_BYTES of matching records and scans at most MAX_SCAN_BYTES, which bounds
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 DEFAULT_READ_RECORDS = 500
 MAX_READ_RECORDS = 5000
 MAX_READ_BYTES = 1024 * 1024
-# A read filtered by key looks at up to this many bytes of records per call and then
+# A read filtered by key looks at up to this many bytes of records per call. It then
 # returns what it found with the position it reached, so a rare key in a huge
 # partition costs many short calls instead of one long one.
 MAX_SCAN_BYTES = 8 * 1024 * 1024
@@ -111,9 +111,10 @@ async def groups_reset(server: QueueServer, args: dict[str, Any]) -> dict[str, A
     if topic is None:
         raise AdminError(f"topic {topic_name!r} not found; `evp topics list` shows the topics")
     kind, value = _reset_target(args)
-    partitions = range(topic.partition_count)
+    partitions: Any = range(topic.partition_count)
     if args.get("partition") is not None:
         partitions = [_partition_arg(topic, args["partition"])]
+
     existing = server.groups.get((topic_name, group_name))
     if existing is not None and existing.members:
         members = ", ".join(sorted(existing.members))
@@ -126,6 +127,7 @@ async def groups_reset(server: QueueServer, args: dict[str, Any]) -> dict[str, A
     targets = {
         partition: _reset_position(topic, partition, kind, value) for partition in partitions
     }
+
     group = server.group(topic_name, group_name)
     changes = []
     for partition, (new, note) in targets.items():
@@ -136,6 +138,7 @@ async def groups_reset(server: QueueServer, args: dict[str, Any]) -> dict[str, A
         # A partition stopped at a damaged record is tried again from its new position.
         cursor.blocked = False
     group.dirty = True
+
     try:
         await server.save_groups()
     except OSError as exc:

@@ -28,10 +28,16 @@ dlq_app = typer.Typer(
 
 Ids = Annotated[
     list[str] | None,
-    typer.Option("--offset", help="Only the dead letter at this offset in the dlq topic, as OFFSET or PARTITION:OFFSET; repeatable.", show_default=False),
+    typer.Option(
+        "--offset",
+        help="Only the dead letter at this offset in the dlq topic, as OFFSET or "
+        "PARTITION:OFFSET; repeatable.",
+        show_default=False,
+    ),
 ]
 Key = Annotated[
-    str | None, typer.Option("--key", help="Only dead letters of events with this key.", show_default=False)
+    str | None,
+    typer.Option("--key", help="Only dead letters of events with this key.", show_default=False),
 ]
 
 
@@ -68,7 +74,9 @@ def _print_exact(value: Any) -> None:
         sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-async def _read_entries(queue: str, topic: str, key: str | None, token: str | None) -> list[Entry] | None:
+async def _read_entries(
+    queue: str, topic: str, key: str | None, token: str | None
+) -> list[Entry] | None:
     """Read every dead letter of `topic`, or return None when its dlq topic does not exist."""
     from evp import reader
 
@@ -80,7 +88,8 @@ async def _read_entries(queue: str, topic: str, key: str | None, token: str | No
     entries = []
     # NOTE: every dead letter is held in memory here. A dlq topic is expected to stay
     # small, because each entry is an event that needs a person's attention.
-    async for record in reader.read_until(queue, dlq_topic(topic), starts, ends, key=key, token=token):
+    records = reader.read_until(queue, dlq_topic(topic), starts, ends, key=key, token=token)
+    async for record in records:
         letter = None
         problem = None
         try:
@@ -89,11 +98,15 @@ async def _read_entries(queue: str, topic: str, key: str | None, token: str | No
             letter = DeadLetter.from_event(value)
         except (ValueError, events.InvalidEvent) as exc:
             problem = str(exc)
-        entries.append(Entry(record.partition, record.offset, record.key, record.value, letter, problem))
+        entries.append(
+            Entry(record.partition, record.offset, record.key, record.value, letter, problem)
+        )
     return entries
 
 
-def _load(queue: str, topic: str, key: str | None, token: str | None, tls_ca: str | None) -> list[Entry]:
+def _load(
+    queue: str, topic: str, key: str | None, token: str | None, tls_ca: str | None
+) -> list[Entry]:
     entries = run_async(lambda: _read_entries(queue, topic, key, token), queue, tls_ca)
     if entries is None:
         typer.echo(f"no dead letters for topic {topic} (topic {dlq_topic(topic)} does not exist)")
@@ -113,10 +126,11 @@ def select(entries: list[Entry], ids: list[str]) -> list[Entry]:
         if not offset_text.isdigit() or (partition_text and not partition_text.isdigit()):
             raise ValueError(f"invalid dead letter id {text!r}: use OFFSET or PARTITION:OFFSET")
         offset = int(offset_text)
+        partition = int(partition_text) if partition_text else None
         matches = [
             entry
             for entry in entries
-            if entry.offset == offset and (not partition_text or entry.partition == int(partition_text))
+            if entry.offset == offset and partition in (None, entry.partition)
         ]
         if not matches:
             raise ValueError(f"no dead letter at {text}; `evp dlq list` shows them")

@@ -67,7 +67,8 @@ class DeadLetter:
             field_value = value[name]
             # bool is an int subclass, but true is not a count.
             if not isinstance(field_value, kinds) or isinstance(field_value, bool):
-                expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in kinds)
+                names = ["null" if kind is type(None) else kind.__name__ for kind in kinds]
+                expected = " or ".join(names)
                 raise ValueError(
                     f"invalid dead letter field {name!r}: expected {expected}, "
                     f"got {field_value!r:.80}"

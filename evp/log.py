@@ -833,8 +833,8 @@ class PartitionLog:
         chosen = low - 1
         if chosen < 0:
             return self.start_offset
-        # Every offset before `low` is older than the time; `high` is the first known
-        # offset that is at least as recent (or the end of the segment).
+        # Every offset before `low` is older than the time. `high` is the first known
+        # offset that is at least as recent, or the end of the segment.
         low = self._bases[chosen] + 1
         high = self._bases[chosen + 1] if chosen + 1 < len(self._bases) else self.next_offset
         while low < high:

@@ -146,7 +146,9 @@ async def follow(
         try:
             batch, reached, ends = await read_batch(address, topic, positions, key=key, token=token)
         except ClientError as exc:
-            logger.warning("reading topic %s failed: %s; retrying in %.1f s", topic, exc, interval_s)
+            logger.warning(
+                "reading topic %s failed: %s; retrying in %.1f s", topic, exc, interval_s
+            )
             await asyncio.sleep(interval_s)
             continue
         for record in batch:

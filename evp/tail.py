@@ -53,7 +53,9 @@ def _partitions(plan: TailPlan, count: int) -> list[int] | None:
     return [owner]
 
 
-def _start_at_offset(plan: TailPlan, partitions: list[int], firsts: dict[int, int], nexts: dict[int, int]) -> dict[int, int]:
+def _start_at_offset(
+    plan: TailPlan, partitions: list[int], firsts: dict[int, int], nexts: dict[int, int]
+) -> dict[int, int]:
     assert plan.from_offset is not None
     positions = {}
     for partition in partitions:
@@ -74,7 +76,9 @@ def _start_at_offset(plan: TailPlan, partitions: list[int], firsts: dict[int, in
     return positions
 
 
-async def _print_last(plan: TailPlan, partitions: list[int], firsts: dict[int, int], nexts: dict[int, int]) -> None:
+async def _print_last(
+    plan: TailPlan, partitions: list[int], firsts: dict[int, int], nexts: dict[int, int]
+) -> None:
     """Print the newest `plan.last` events (of the key, with --key), oldest first."""
     assert plan.last is not None
     if plan.last == 0:
@@ -106,7 +110,7 @@ async def _print_last(plan: TailPlan, partitions: list[int], firsts: dict[int, i
 
 
 async def run(plan: TailPlan) -> int:
-    """Print the chosen events and, with `follow`, new ones until cancelled; return the exit code."""
+    """Print the chosen events, and with `follow` new ones until cancelled; return the exit code."""
     info = await reader.describe_topic(plan.queue, plan.topic, plan.token)
     if info is None:
         _message(f"error: topic {plan.topic!r} not found; `evp topics list` shows the topics")
@@ -116,6 +120,7 @@ async def run(plan: TailPlan) -> int:
         return 2
     firsts = {row["partition"]: row["first_offset"] for row in info["partitions"]}
     nexts = {row["partition"]: row["next_offset"] for row in info["partitions"]}
+
     if plan.last is not None:
         await _print_last(plan, partitions, firsts, nexts)
     else:
@@ -131,6 +136,7 @@ async def run(plan: TailPlan) -> int:
     sys.stdout.flush()
     if not plan.follow:
         return 0
+
     positions = {partition: nexts[partition] for partition in partitions}
     async for record in reader.follow(
         plan.queue,

@@ -80,7 +80,7 @@ def output_rows(output: Path) -> list[dict[str, Any]]:
 
 
 def process_until(evp, address: str, topic: str, output: Path, count: int) -> list[dict[str, Any]]:
-    """Run one processor until its output holds `count` rows and the group has no lag."""
+    """Run one processor until its output has `count` rows and the group has no lag."""
     processor = start_processor(evp, address, topic, output)
     wait_until(lambda: len(output_rows(output)) >= count, timeout_s=60, message="events not processed")
     wait_until(
@@ -307,7 +307,7 @@ def test_tail_invalid_input(evp, args, message):
     _, address = evp.queue()
     create_topic(evp, address, "events")
     if "--partition" in args and "--key" in args:
-        # Pick a partition that is not the key's, whatever the hash says.
+        # Pick a partition that is not the key's, whatever the hash returns.
         args = ["--key", "user-3", "--partition", str((partition_for(b"user-3", PARTITIONS) + 1) % PARTITIONS)]
     result = evp.run("tail", "--queue", address, *args)
     assert message in failure_message(result)
