@@ -279,6 +279,36 @@ def test_tail_key_and_follow(evp, tmp_path):
     assert group_positions(evp, address, "events") == positions_before
 
 
+@pytest.mark.timeout(120)
+def test_tail_follow_survives_queue_restart(evp, tmp_path):
+    data = tmp_path / "data"
+    queue, address = evp.queue(data)
+    create_topic(evp, address, "events")
+    publish_lines(evp, address, "events", [{"id": "before", "user": "user-1"}])
+    output = tmp_path / "follow.jsonl"
+    with output.open("wb") as sink:
+        follower = subprocess.Popen(
+            evp_command("tail", "--queue", address, "--from-start", "--follow", "--interval", "0.1", "--events-only"),
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        def followed() -> list[str]:
+            return [orjson.loads(line)["id"] for line in output.read_bytes().splitlines()]
+
+        wait_until(lambda: followed() == ["before"], timeout_s=30, message="tail did not start")
+        queue.send_signal(signal.SIGTERM)
+        assert queue.wait(timeout=30) == 0
+        _, address = evp.queue(data, int(address.rsplit(":", 1)[1]))
+        publish_lines(evp, address, "events", [{"id": "after", "user": "user-1"}])
+        wait_until(lambda: len(followed()) > 1, timeout_s=30, message="tail stopped following")
+        assert followed() == ["before", "after"]
+        assert follower.poll() is None
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(timeout=30)
+
+
 @pytest.mark.timeout(60)
 def test_tail_partition_and_offset(evp, tmp_path):
     _, address = evp.queue()
