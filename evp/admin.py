@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from evp import records
+from evp.groups import Group
 from evp.log import CorruptLog, OffsetOutOfRange, PartitionLog
 from evp.retention import effective
 from evp.storage import Retention, StorageError, check_name
@@ -188,6 +189,28 @@ def groups_list(server: QueueServer, args: dict[str, Any]) -> list[dict[str, Any
                 "acked": group.acked_total,
                 "lost_to_retention": group.lost_to_retention,
                 "positions": [cursor.committed for cursor in group.cursors],
+                "partitions": _partition_positions(group),
+            }
+        )
+    return rows
+
+
+def _owner_id(cursor: Any) -> str | None:
+    return cursor.owner.id if cursor.owner is not None else None
+
+
+def _partition_positions(group: Group) -> list[dict[str, Any]]:
+    """List each partition's position, end, lag and current owner in a group."""
+    rows = []
+    for partition, (log, cursor) in enumerate(zip(group.topic.logs, group.cursors, strict=True)):
+        rows.append(
+            {
+                "partition": partition,
+                "position": cursor.committed,
+                "first_offset": log.start_offset,
+                "next_offset": log.next_offset,
+                "lag": max(0, log.next_offset - cursor.committed),
+                "owner": _owner_id(cursor),
             }
         )
     return rows
@@ -227,7 +250,14 @@ OPERATIONS = {
 }
 
 
+# Imported last because evp.admin_tools uses AdminError and the helpers above.
+from evp import admin_tools  # noqa: E402
+
+OPERATIONS.update(admin_tools.OPERATIONS)
+
+
 def run(server: QueueServer, operation: str, args: dict[str, Any]) -> Any:
+    """Run one operation; the result is a JSON value, or a coroutine that returns one."""
     handler = OPERATIONS.get(operation)
     if handler is None:
         raise AdminError(

@@ -28,8 +28,15 @@ app = typer.Typer(
 def _add_admin_commands() -> None:
     from evp.cli_admin import groups_app, topics_app
 
+    from evp.cli_dlq import dlq_app
+    from evp.cli_tools import replay, route, tail
+
     app.add_typer(topics_app, name="topics")
     app.add_typer(groups_app, name="groups")
+    app.add_typer(dlq_app, name="dlq")
+    app.command()(replay)
+    app.command()(tail)
+    app.command()(route)
 
 
 QueueAddress = Annotated[
@@ -236,8 +243,11 @@ def publish(
     count: Annotated[int | None, typer.Option(envvar="EVP_COUNT", min=0, help="Stop after this many events.", show_default=False)] = None,
     duration: Annotated[float | None, typer.Option(envvar="EVP_DURATION", min=0, help="Stop after this many seconds; 0 or unset runs until the input ends or Ctrl-C.", show_default=False)] = None,
     file: Annotated[str | None, typer.Option("--file", envvar="EVP_FILE", help="JSON-lines file to publish (.gz is decompressed); - for standard input. Without it, random events are generated.", show_default=False)] = None,
-    key_field: Annotated[str | None, typer.Option(envvar="EVP_KEY_FIELD", help="Dotted path of the key in each event, e.g. repo.name; default partitionkey, then id.", show_default=False)] = None,
+    key_field: Annotated[str | None, typer.Option(envvar="EVP_KEY_FIELD", help="Dotted path of the key in each event, e.g. repo.name; default partitionkey, then id. A CloudEvent's partitionkey always wins.", show_default=False)] = None,
     keys: Annotated[int, typer.Option(envvar="EVP_KEYS", min=1, help="Distinct user ids (keys) of generated events.")] = 1000,
+    cloudevents: Annotated[bool, typer.Option("--cloudevents", envvar="EVP_CLOUDEVENTS", help="Wrap each event in a CloudEvents 1.0 envelope (structured JSON) with its key as partitionkey.")] = False,
+    cloudevents_source: Annotated[str | None, typer.Option("--cloudevents-source", envvar="EVP_CLOUDEVENTS_SOURCE", help="CloudEvents source of wrapped events; default evp://<host name>/publish.", show_default=False)] = None,
+    cloudevents_type: Annotated[str, typer.Option("--cloudevents-type", envvar="EVP_CLOUDEVENTS_TYPE", help="CloudEvents type of wrapped events.")] = "evp.event",
     token: Token = None,
     tls_ca: TlsCa = None,
     log_level: LogLevel = "WARNING",
@@ -253,6 +263,10 @@ def publish(
         configure_tls(tls_ca)
         check_name("topic", topic)
         events.key_path(key_field)
+        if cloudevents_source is not None and not cloudevents_source.strip():
+            raise ValueError("invalid --cloudevents-source '': give a non-empty URI reference")
+        if not cloudevents_type.strip():
+            raise ValueError("invalid --cloudevents-type '': give a non-empty type")
         if not math.isfinite(rate):
             raise ValueError(f"invalid --rate {rate}: use a finite number of events per second, or 0 for no limit")
         if file is not None and file != "-":
@@ -272,6 +286,9 @@ def publish(
         key_field=key_field,
         keys=keys,
         token=token,
+        cloudevents=cloudevents,
+        cloudevents_source=cloudevents_source or events.default_cloudevent_source(),
+        cloudevents_type=cloudevents_type,
     )
     if file is None and count is None and duration is None:
         typer.echo("publishing generated events until Ctrl-C (set --count or --duration to stop)", err=True)
@@ -328,30 +345,15 @@ def stats(
 ) -> None:
     """Show the queue's throughput, lag and shards, live."""
     from evp import stats as stats_view
-    from evp.client import ClientError, configure_tls, parse_address
+    from evp.cli_tools import run_async
 
-    try:
-        parse_address(queue)
-        configure_tls(tls_ca)
-    except (ValueError, ClientError) as exc:
-        _fail(str(exc))
-    import uvloop
-
-    try:
-        uvloop.run(
-            stats_view.watch(
-                queue, as_json=json_output, once=once, plain=plain, interval_s=interval, token=token
-            )
-        )
-    except ClientError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # The reader of stdout has gone, as in `evp stats | head -3`. Stop quietly, and point
-        # stdout at /dev/null so that the flush at exit raises no second BrokenPipeError.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
+    run_async(
+        lambda: stats_view.watch(
+            queue, as_json=json_output, once=once, plain=plain, interval_s=interval, token=token
+        ),
+        queue,
+        tls_ca,
+    )
 
 
 @app.command()

@@ -180,6 +180,7 @@ def groups_list(
     topic: Annotated[str | None, typer.Option("--topic", envvar="EVP_TOPIC", help="Only the groups of this topic.", show_default=False)] = None,
     queue: QueueAddress = "127.0.0.1:8000",
     json_output: JsonOutput = False,
+    detail: Annotated[bool, typer.Option("--detail", help="Also print each group's position, end, lag and owner per partition.")] = False,
     token: Token = None,
     tls_ca: TlsCa = None,
 ) -> None:
@@ -203,7 +204,27 @@ def groups_list(
             f"{row['lag']:,}",
             f"{row['lost_to_retention']:,}",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if detail:
+        for row in rows:
+            console.print(_partition_table(row))
+
+
+def _partition_table(group: dict[str, Any]) -> Table:
+    table = Table(title=f"Group {group['group']} of topic {group['topic']}", title_justify="left")
+    for column in ("partition", "position", "first offset", "next offset", "lag", "owner"):
+        table.add_column(column, justify="left" if column == "owner" else "right")
+    for row in group["partitions"]:
+        table.add_row(
+            str(row["partition"]),
+            f"{row['position']:,}",
+            f"{row['first_offset']:,}",
+            f"{row['next_offset']:,}",
+            f"{row['lag']:,}",
+            row["owner"] or "-",
+        )
+    return table
 
 
 @groups_app.command("delete")

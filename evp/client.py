@@ -25,6 +25,9 @@ logger = logging.getLogger("evp.client")
 
 RECONNECT_INITIAL_S = 0.1
 RECONNECT_MAX_S = 2.0
+# How long leaving `async with Producer(...)` waits for acknowledgements. The same
+# 30 s that `evp publish` waits at its end.
+EXIT_FLUSH_TIMEOUT_S = 30.0
 
 
 class ClientError(Exception):
@@ -198,6 +201,31 @@ class Producer:
     `publish` only queues an event; batches go out when the event loop next runs, so
     everything published in one loop iteration shares a frame. `flush` waits until
     every queued event is acknowledged or rejected.
+
+    Every batch stays in memory until the queue acknowledges it. After a lost
+    connection the Producer reconnects (0.1 s doubling to 2 s between tries) and sends
+    the unacknowledged batches again, so an event may be stored twice but an
+    acknowledged one is never lost. Memory is bounded by `max_unacked_events` and
+    `max_unacked_bytes`: call `wait_for_capacity` between publishes to wait while the
+    queue is behind or unreachable.
+
+    Use it as an async context manager, which connects on entry and flushes and closes
+    on exit, or call `start`, `flush` and `close` yourself::
+
+        async with Producer("127.0.0.1:8000") as producer:
+            producer.publish_event("orders", "customer-7", {"id": 1, "total": 9.5})
+            await producer.wait_for_capacity()
+
+    Args:
+        address: the queue as "HOST:PORT".
+        token: the queue's shared secret, if it requires one.
+        max_batch_events, max_batch_bytes: when a batch is sent before the loop runs
+            again. The byte limit is also lowered to fit the queue's frame limit.
+        max_unacked_events, max_unacked_bytes: the backpressure bounds above.
+        on_rejected: called with the queue's message and the batch size when the queue
+            rejects a batch as invalid; without it the rejection is logged.
+
+    Counters: `sent`, `acked`, `rejected` (events) and `reconnects`.
     """
 
     def __init__(
@@ -245,7 +273,11 @@ class Producer:
         self.last_error: str | None = None
 
     async def start(self) -> None:
-        """Connect once, raising ClientError if the queue cannot be reached at all."""
+        """Connect and start reconnecting in the background when the connection drops.
+
+        Raises ClientError when the first connection fails (queue unreachable, wrong
+        token, TLS failure), so a wrong address is reported at once.
+        """
         await self._connect()
         self._runner = asyncio.create_task(self._keep_connected())
 
@@ -291,6 +323,13 @@ class Producer:
                 break
 
     def publish(self, topic: str, key: bytes, value: bytes, timestamp_us: int | None = None) -> None:
+        """Queue one event: `key` decides its partition, `value` is a JSON object's bytes.
+
+        Returns at once; the batch goes out when the event loop next runs. The queue
+        checks the event, and `on_rejected` hears about an invalid one. `timestamp_us`
+        (µs since the epoch) defaults to now and is what `evp replay --from-time`
+        searches.
+        """
         if timestamp_us is None:
             timestamp_us = time.time_ns() // 1000
         batch = self._open.get(topic)
@@ -318,6 +357,27 @@ class Producer:
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_open)
+
+    def publish_event(self, topic: str, key: str, event: dict[str, Any]) -> None:
+        """Queue a dict as one event, keyed by `key`; see `publish`."""
+        from evp.events import dumps_event
+
+        self.publish(topic, key.encode(), dumps_event(event))
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Flush (unless the block raised) and close; raise ClientError on a flush timeout."""
+        try:
+            if exc_info[0] is None and not await self.flush(EXIT_FLUSH_TIMEOUT_S):
+                raise ClientError(
+                    f"{self.unacked} events were not acknowledged within "
+                    f"{EXIT_FLUSH_TIMEOUT_S:.0f} s (last error: {self.last_error})"
+                )
+        finally:
+            await self.close()
 
     async def wait_for_capacity(self) -> None:
         """Wait while too many events are unacknowledged (backpressure from the queue)."""
@@ -391,6 +451,7 @@ class Producer:
 
     @property
     def unacked(self) -> int:
+        """Events published and not yet acknowledged or rejected."""
         return self._unacked_events
 
     async def flush(self, timeout_s: float | None = None) -> bool:
@@ -403,6 +464,7 @@ class Producer:
         return True
 
     async def close(self) -> None:
+        """Close the connection. Events not acknowledged by now are dropped: flush first."""
         self._closing = True
         if self._runner is not None:
             self._runner.cancel()
@@ -419,8 +481,39 @@ class Consumer:
     """A member of a consumer group: receives its partitions' events and acknowledges them.
 
     `process(partition, records)` is awaited for each DELIVER frame in arrival order;
-    when it returns, the records are acknowledged. After a reconnect, frames received
-    on the old connection are dropped unprocessed, because the queue sends them again.
+    when it returns, the records are acknowledged. Each record is an
+    `evp.records.Record` with `offset`, `timestamp_us`, `key` (bytes) and `value` (the
+    event's JSON bytes). After a reconnect, frames received on the old connection are
+    dropped unprocessed, because the queue sends them again. Processing is
+    at-least-once: an event whose batch was not acknowledged before a crash or a
+    rebalance is delivered again.
+
+    Members of one group share the topic's partitions. Give each a stable, unique
+    `member` id, so that a restarted member gets its partitions back::
+
+        async def process(partition, batch):
+            for record in batch:
+                print(partition, record.offset, orjson.loads(record.value))
+
+        consumer = Consumer("127.0.0.1:8000", topic="orders", group="billing",
+                            member="billing-1", process=process)
+        task = asyncio.create_task(consumer.run())
+        ...
+        await consumer.leave()   # finish and acknowledge the events it has
+        await task
+
+    Args:
+        address: the queue as "HOST:PORT".
+        topic, group: what to consume, and the group whose positions advance.
+        member: this member's id, 1 to 200 characters; a second live connection with
+            the same id is rejected (`member_id_in_use`).
+        process: the coroutine function called per batch. If it raises, the Consumer
+            stops without acknowledging the batch, so it is delivered again later.
+        max_in_flight: unacknowledged events the queue may send at once (the queue
+            caps it with its own --max-in-flight).
+        token: the queue's shared secret, if it requires one.
+        report, before_ack: hooks used by `evp process`: a REPORT frame to send with
+            each heartbeat, and a function called before each ACK goes out.
     """
 
     def __init__(
@@ -485,7 +578,11 @@ class Consumer:
             pass
 
     async def run(self) -> None:
-        """Connect, join and process until `stop` or `leave` completes."""
+        """Connect, join and process until `stop` or `leave` completes.
+
+        Reconnects after a lost connection. Raises ServerError when the queue rejects
+        the member for good: wrong token, invalid names, or its id in use.
+        """
         worker = asyncio.create_task(self._work())
         try:
             await self._session_loop()

@@ -1,10 +1,16 @@
 """Events on the publisher's side: reading JSON lines, finding keys, generating.
 
-The key of an event decides its partition. It is taken from the `--key-field` dotted
-path when one is given, else from the CloudEvents attribute `partitionkey`, else from
+The key of an event decides its partition. A CloudEvent in structured JSON mode (an
+object with `specversion`) that has the `partitionkey` attribute of the CloudEvents
+Partitioning extension is keyed by it, whatever `--key-field` names, because that
+attribute is the event's own statement of its partition key. Any other event is keyed
+by the `--key-field` dotted path when one is given, else by `partitionkey`, else by
 `id`. Strings are used as they are, integers by their decimal digits (so 2**64 and
 2**64 + 1 stay two keys), and other numbers as Python prints the float, so `1e2`
 becomes "100.0". True, false, null, objects and arrays are not keys.
+
+`to_cloudevent` wraps a plain event in a CloudEvents 1.0 envelope for
+`evp publish --cloudevents`.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import io
 import json
 import random
 import re
+import socket
 import sys
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -47,8 +55,19 @@ def key_path(spec: str | None) -> list[list[str]]:
     return [["partitionkey"], ["id"]]
 
 
+class MissingKey(InvalidEvent):
+    """An event that has none of the key fields."""
+
+
+def is_cloudevent(event: dict[str, Any]) -> bool:
+    """Tell whether `event` is a CloudEvent in structured JSON mode."""
+    return "specversion" in event
+
+
 def extract_key(event: dict[str, Any], paths: list[list[str]]) -> bytes:
-    """Return the key of `event` as UTF-8 bytes, or raise InvalidEvent."""
+    """Return the key of `event` as UTF-8 bytes, or raise InvalidEvent (MissingKey)."""
+    if is_cloudevent(event) and "partitionkey" in event:
+        return _key_bytes(event["partitionkey"], ["partitionkey"])
     for path in paths:
         value: Any = event
         for part in path:
@@ -58,19 +77,57 @@ def extract_key(event: dict[str, Any], paths: list[list[str]]) -> bytes:
             value = value[part]
         if value is _MISSING:
             continue
-        if isinstance(value, str):
-            return value.encode()
-        if isinstance(value, bool) or value is None:
-            raise InvalidEvent(
-                f"key field {'.'.join(path)!r} is {json.dumps(value)}; keys must be strings or numbers"
-            )
-        if isinstance(value, int | float):
-            return json.dumps(value).encode()
-        raise InvalidEvent(
-            f"key field {'.'.join(path)!r} is a JSON {_json_type(value)}; keys must be strings or numbers"
-        )
+        return _key_bytes(value, path)
     names = " or ".join(repr(".".join(path)) for path in paths)
-    raise InvalidEvent(f"event has no key: no field {names}; choose one with --key-field")
+    raise MissingKey(f"event has no key: no field {names}; choose one with --key-field")
+
+
+def _key_bytes(value: Any, path: list[str]) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool) or value is None:
+        raise InvalidEvent(
+            f"key field {'.'.join(path)!r} is {json.dumps(value)}; keys must be strings or numbers"
+        )
+    if isinstance(value, int | float):
+        return json.dumps(value).encode()
+    raise InvalidEvent(
+        f"key field {'.'.join(path)!r} is a JSON {_json_type(value)}; keys must be strings or numbers"
+    )
+
+
+def default_cloudevent_source() -> str:
+    """Return the default CloudEvents `source` of this host's publisher."""
+    return f"evp://{socket.gethostname()}/publish"
+
+
+def to_cloudevent(
+    event: dict[str, Any], paths: list[list[str]], source: str, event_type: str
+) -> tuple[bytes, bytes]:
+    """Wrap `event` in a CloudEvents 1.0 envelope; return (key, JSON bytes).
+
+    The envelope's `partitionkey` is the event's key under the usual rules, and is left
+    out when the event has no key; the envelope is then keyed by its unique `id`. An
+    event that already is a CloudEvent is returned unchanged. Raises InvalidEvent for
+    a key field of the wrong type.
+    """
+    if is_cloudevent(event):
+        return extract_key(event, paths), dumps_event(event)
+    envelope: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": source,
+        "type": event_type,
+        "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "datacontenttype": "application/json",
+        "data": event,
+    }
+    try:
+        key = extract_key(event, paths)
+        envelope["partitionkey"] = key.decode()
+    except MissingKey:
+        key = envelope["id"].encode()
+    return key, dumps_event(envelope)
 
 
 _MISSING = object()
@@ -142,6 +199,15 @@ def _parse_fallback(line: bytes, original: Exception | None) -> Any:
         raise InvalidEvent(f"invalid JSON: {original or exc}") from None
     except RecursionError:
         raise InvalidEvent("invalid JSON: nested too deeply") from None
+
+
+def dumps_event(event: dict[str, Any]) -> bytes:
+    """Encode an event as compact UTF-8 JSON, keeping integers beyond 64 bits exact."""
+    try:
+        return orjson.dumps(event)
+    except TypeError:
+        # orjson does not write integers beyond 64 bits; the standard library does.
+        return _dumps_exact(event)
 
 
 def _dumps_exact(event: dict[str, Any]) -> bytes:

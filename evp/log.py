@@ -908,6 +908,74 @@ class PartitionLog:
             os.close(segment.fd)
             segment.fd = None
 
+    # ------------------------------------------------------------------ time search
+
+    def timestamp_at(self, offset: int) -> int:
+        """Return the publish timestamp (µs since the epoch) of the record at `offset`."""
+        data, _ = self.read(offset, 1, 1)
+        return records.HEADER.unpack_from(data)[3]
+
+    def offset_for_time(self, timestamp_us: int) -> int:
+        """Return the first offset whose record timestamp is at or after `timestamp_us`.
+
+        Returns ``next_offset`` when every record is older. The segment is chosen by
+        bisecting the timestamps of the segments' first records, each read from byte 0
+        of its file, so only the chosen segment gets a sparse index. Offsets within
+        that segment are then bisected through the index. Raises CorruptLog when a
+        record it needs is damaged.
+
+        NOTE: bisection assumes timestamps grow with offsets. Publishers stamp their
+        own events, so with clocks that disagree the result is only close to the
+        first such record, not exact.
+        """
+        self._check_open()
+        if self.start_offset == self.next_offset:
+            return self.next_offset
+        # The last segment whose first record is older than the time, or -1.
+        low, high = 0, len(self._segments)
+        while low < high:
+            middle = (low + high) // 2
+            first = self._first_timestamp(self._segments[middle])
+            if first is not None and first < timestamp_us:
+                low = middle + 1
+            else:
+                high = middle
+        chosen = low - 1
+        if chosen < 0:
+            return self.start_offset
+        # Every offset before `low` is older than the time. `high` is the first known
+        # offset that is at least as recent, or the end of the segment.
+        low = self._bases[chosen] + 1
+        high = self._bases[chosen + 1] if chosen + 1 < len(self._bases) else self.next_offset
+        while low < high:
+            middle = (low + high) // 2
+            if self.timestamp_at(middle) < timestamp_us:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    def _first_timestamp(self, segment: _Segment) -> int | None:
+        """Read the timestamp of a segment's first record, or None for an empty segment."""
+        if segment.size_bytes < records.HEADER_BYTES:
+            return None
+        if segment.fd is not None:
+            header = _pread(segment.fd, records.HEADER_BYTES, 0)
+        else:
+            fd = os.open(segment.path, os.O_RDONLY)
+            try:
+                header = _pread(fd, records.HEADER_BYTES, 0)
+            finally:
+                os.close(fd)
+        if len(header) < records.HEADER_BYTES:
+            raise CorruptLog(segment.path, 0, segment.base_offset, "the segment ends here")
+        _, _, offset, timestamp_us, _ = records.HEADER.unpack(header)
+        if offset != segment.base_offset:
+            raise CorruptLog(
+                segment.path, 0, segment.base_offset, f"the first record has offset {offset}"
+            )
+        return timestamp_us
+
     # ------------------------------------------------------------------ retention
 
     def segments(self) -> list[SegmentInfo]:

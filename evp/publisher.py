@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import orjson
+
 from evp import events
 from evp.client import Producer
 
@@ -39,6 +41,10 @@ class PublishConfig:
     keys: int = 1000
     token: str | None = None
     seed: int | None = None
+    # Wrap each event in a CloudEvents 1.0 envelope with this source and type.
+    cloudevents: bool = False
+    cloudevents_source: str = field(default_factory=events.default_cloudevent_source)
+    cloudevents_type: str = "evp.event"
 
 
 @dataclass
@@ -80,8 +86,15 @@ class PublishProgress:
 
 def _generated(config: PublishConfig) -> Iterator[tuple[bytes, bytes]]:
     generator = events.EventGenerator(config.keys, config.seed)
+    if not config.cloudevents:
+        while True:
+            yield generator.next()
+    paths = events.key_path("user")
     while True:
-        yield generator.next()
+        _, value = generator.next()
+        yield events.to_cloudevent(
+            orjson.loads(value), paths, config.cloudevents_source, config.cloudevents_type
+        )
 
 
 def _from_file(
@@ -98,7 +111,12 @@ def _from_file(
             report.read += 1
             try:
                 event, value = events.parse_line(line)
-                key = events.extract_key(event, paths)
+                if config.cloudevents:
+                    key, value = events.to_cloudevent(
+                        event, paths, config.cloudevents_source, config.cloudevents_type
+                    )
+                else:
+                    key = events.extract_key(event, paths)
             except events.InvalidEvent as exc:
                 report.invalid_lines += 1
                 message = f"{name}:{number}: skipped: {exc}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import os
 import re
@@ -100,6 +101,9 @@ class QueueServer:
         self._sync_waiters: list[tuple[ServerConnection, int, int]] = []
         self._sync_wakeup = asyncio.Event()
         self._stopping = False
+        self._save_lock = asyncio.Lock()
+        # Admin operations that run as tasks; kept so they are not garbage collected.
+        self._admin_tasks: set[asyncio.Task[None]] = set()
         self._metrics_server: Any = None
         self.telemetry = Telemetry(self)
         self.default_retention = Retention(
@@ -123,6 +127,11 @@ class QueueServer:
             group.lost_to_retention = lost
             self.groups[key] = group
         return group
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a reference to a task until it finishes."""
+        self._admin_tasks.add(task)
+        task.add_done_callback(self._admin_tasks.discard)
 
     # Publishing.
 
@@ -266,7 +275,24 @@ class QueueServer:
             await asyncio.sleep(interval)
             await self._save_dirty_groups()
 
+    async def save_groups(self) -> None:
+        """Save every group whose positions changed, and return once they are on disk.
+
+        Raises OSError when a save fails; the group stays marked for the next try.
+        """
+        async with self._save_lock:
+            failed = await self._save_dirty_groups_locked()
+        if failed is not None:
+            raise failed
+
     async def _save_dirty_groups(self) -> None:
+        async with self._save_lock:
+            await self._save_dirty_groups_locked()
+
+    async def _save_dirty_groups_locked(self) -> OSError | None:
+        # One save at a time, so an older set of positions written by the periodic
+        # task can never land after a newer one written for `evp replay`.
+        failed = None
         for (topic_name, group_name), group in list(self.groups.items()):
             if not group.dirty or self.groups.get((topic_name, group_name)) is not group:
                 continue
@@ -282,6 +308,8 @@ class QueueServer:
                 logger.error(
                     "saving positions of group=%s topic=%s failed: %s", group_name, topic_name, exc
                 )
+                failed = exc
+        return failed
 
     async def _retention(self) -> None:
         """Apply retention and the disk limits in the background, once per interval."""
@@ -642,17 +670,47 @@ class ServerConnection(asyncio.Protocol):
                 try:
                     result = admin.run(self.server, operation, args)
                 except admin.AdminError as exc:
-                    logger.info("admin %s from %s failed: %s", operation, self.peer, exc)
-                    self.send_error("admin_error", str(exc), fatal=False)
+                    self._admin_failed(operation, exc)
                     return
-                logger.info("admin %s %s from %s", operation, args, self.peer)
-                self.send(protocol.encode(protocol.AdminResult(result)))
+                if inspect.iscoroutine(result):
+                    task = asyncio.get_running_loop().create_task(
+                        self._admin_later(operation, args, result)
+                    )
+                    self.server.track(task)
+                    return
+                self._admin_done(operation, args, result)
             case protocol.Hello():
                 raise protocol.ProtocolError("HELLO sent twice on one connection")
             case _:
                 raise protocol.ProtocolError(
                     f"a client may not send {type(frame).__name__.upper()} frames"
                 )
+
+    def _admin_failed(self, operation: str, error: Exception) -> None:
+        logger.info("admin %s from %s failed: %s", operation, self.peer, error)
+        self.send_error("admin_error", str(error), fatal=False)
+
+    def _admin_done(self, operation: str, args: dict[str, Any], result: Any) -> None:
+        if operation == "records.read":
+            # Followers poll this every fraction of a second.
+            logger.debug("admin %s %s from %s", operation, args, self.peer)
+        else:
+            logger.info("admin %s %s from %s", operation, args, self.peer)
+        self.send(protocol.encode(protocol.AdminResult(result)))
+
+    async def _admin_later(self, operation: str, args: dict[str, Any], pending: Any) -> None:
+        """Send the result of an operation that waits, e.g. for positions to be saved."""
+        try:
+            result = await pending
+        except admin.AdminError as exc:
+            self._admin_failed(operation, exc)
+            return
+        except Exception as exc:
+            logger.exception("admin %s from %s failed", operation, self.peer)
+            self.send_error("internal_error", f"internal error in the queue: {type(exc).__name__}")
+            self.close("internal error")
+            return
+        self._admin_done(operation, args, result)
 
     def _handshake(self, frame: protocol.Frame) -> None:
         if not isinstance(frame, protocol.Hello):

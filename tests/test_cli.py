@@ -18,7 +18,7 @@ from conftest import free_port, snapshot, wait_for_port
 from evp import __version__
 from evp.cli import app
 
-COMMANDS = ["queue", "process", "publish", "stats", "demo"]
+COMMANDS = ["queue", "process", "publish", "stats", "demo", "replay", "tail", "route"]
 # Port 1 of the loopback address is assumed to have no listener, because it is a
 # privileged port and no test binds it.
 UNREACHABLE = "127.0.0.1:1"

@@ -695,3 +695,40 @@ def test_tail_bounded(tmp_path: Path) -> None:
             max_entries = segment.size_bytes // log_module.INDEX_INTERVAL_BYTES + 1
             assert len(segment.index.offsets) <= max_entries
     log.close()
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_offset_for_time(tmp_path: Path, reopen: bool) -> None:
+    # Timestamps are 1_000_000 + offset, in batches of 7 over many small segments.
+    log = PartitionLog(tmp_path, segment_bytes=1024, tail_bytes=0)
+    for start in range(0, 210, 7):
+        log.append(make_entries(start, 7))
+    assert len(log.segments()) > 5
+    if reopen:
+        log.close()
+        log = PartitionLog(tmp_path, segment_bytes=1024, tail_bytes=0)
+    cases = {0: 0, 1_000_000: 0, 1_000_001: 1, 1_000_050: 50, 1_000_209: 209, 1_000_210: 210, 2**63: 210}
+    for timestamp_us, offset in cases.items():
+        assert log.offset_for_time(timestamp_us) == offset, timestamp_us
+    # Every segment's first offset, where a search can go wrong by one.
+    for segment in log.segments():
+        assert log.offset_for_time(1_000_000 + segment.base_offset) == segment.base_offset
+    log.close()
+
+
+def test_offset_for_time_after_retention(tmp_path: Path) -> None:
+    log = PartitionLog(tmp_path, segment_bytes=1024)
+    for start in range(0, 100, 5):
+        log.append(make_entries(start, 5))
+    log.delete_oldest_segment()
+    log.delete_oldest_segment()
+    assert log.start_offset > 0
+    assert log.offset_for_time(0) == log.start_offset
+    assert log.offset_for_time(1_000_000 + log.start_offset + 3) == log.start_offset + 3
+    log.close()
+
+
+def test_offset_for_time_empty(tmp_path: Path) -> None:
+    log = PartitionLog(tmp_path)
+    assert log.offset_for_time(0) == 0
+    log.close()
