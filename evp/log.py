@@ -969,7 +969,7 @@ class PartitionLog:
                 os.close(fd)
         if len(header) < records.HEADER_BYTES:
             raise CorruptLog(segment.path, 0, segment.base_offset, "the segment ends here")
-        _, _, offset, timestamp_us, _ = records.HEADER.unpack(header)
+        _, _, offset, timestamp_us, _, _, _ = records.HEADER.unpack(header)
         if offset != segment.base_offset:
             raise CorruptLog(
                 segment.path, 0, segment.base_offset, f"the first record has offset {offset}"
