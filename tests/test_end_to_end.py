@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import GHARCHIVE, WIKITICKER, require_data, snapshot, wait_until
+from conftest import GHARCHIVE, WIKITICKER, read_output, require_data, snapshot, wait_until
 
 WIKITICKER_EVENTS = 39_244
 GHARCHIVE_EVENTS = 800
@@ -30,15 +30,6 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as file:
         return [orjson.loads(line) for line in file if line.strip()]
-
-
-def read_output(directory: Path) -> list[dict[str, Any]]:
-    """Read the rows of every shard output file, each file in the order it was written."""
-    rows = []
-    for path in sorted(directory.glob("shard-*.jsonl")):
-        with path.open("rb") as file:
-            rows.extend(orjson.loads(line) for line in file)
-    return rows
 
 
 def canonical(event: Any) -> bytes:
