@@ -79,7 +79,7 @@ class DeadLetter:
             if not isinstance(field_value, kind) or isinstance(field_value, bool):
                 raise ValueError(
                     f"invalid dead letter: field {name!r} is {field_value!r}, "
-                    f"expected a {_kind_name(kind)}"
+                    f"expected {_kind_name(kind)}"
                 )
         for name in ("deliveries", "partition", "offset"):
             if value[name] < 0:
@@ -91,4 +91,4 @@ class DeadLetter:
 
 
 def _kind_name(kind: type) -> str:
-    return {dict: "JSON object", str: "string", int: "integer"}.get(kind, kind.__name__)
+    return {dict: "a JSON object", str: "a string", int: "an integer"}.get(kind, kind.__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import signal
 import socket
@@ -172,3 +173,10 @@ def wait_for_node(
         return len(ours) == shards
 
     wait_until(joined, timeout_s, message=f"the {shards} shards of {node} did not join")
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Read every line of a JSON-lines file (gzip when it ends in .gz) as an event."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        return [orjson.loads(line) for line in file if line.strip()]

@@ -326,3 +326,32 @@ def test_chain_survives_stage_kill(evp, tmp_path):
     assert {row["key"] for row in keyed} == {event["id"] for event in events}
     for row in keyed:
         assert row["key"] == row["event"]["id"]
+
+
+# Built-in handlers.
+
+
+@pytest.mark.timeout(120)
+def test_builtin_print_passes_events(evp, tmp_path):
+    _, address = evp.queue(None, None, "--partitions", "4")
+    events = [{"id": f"e-{number}", "user": f"user-{number % 3}"} for number in range(8)]
+    publish_events(evp, address, write_lines(tmp_path / "events.jsonl", events))
+    output = tmp_path / "out"
+    start_processor(evp, address, "printer", "--output", str(output), "--handler", "evp:print")
+    wait_for_lag_zero(address, "events")
+    rows = read_output(output)
+    assert sorted(row["event"]["id"] for row in rows) == sorted(e["id"] for e in events)
+    assert all(row["event"] in events for row in rows)
+
+    def printed() -> list[dict[str, Any]]:
+        lines = evp.log("printer").splitlines()
+        return [orjson.loads(line) for line in lines if line.startswith('{"topic":')]
+
+    wait_until(lambda: len(printed()) >= len(events), message="evp:print wrote too few lines")
+    by_id = {line["event"]["id"]: line for line in printed()}
+    assert sorted(by_id) == sorted(e["id"] for e in events)
+    for row in rows:
+        line = by_id[row["event"]["id"]]
+        assert line["topic"] == "events"
+        assert (line["partition"], line["offset"]) == (row["partition"], row["offset"])
+        assert line["key"] == row["event"]["user"]
