@@ -4,8 +4,8 @@
 - `evp:print` writes each event to standard output as one JSON line with its topic,
   partition, offset and key, and passes it on unchanged.
 - `evp:count` counts events per key and drops them. It logs the total and the top
-  keys every `interval` seconds (default 10) and when the shard stops; with
-  `--handler-arg path=FILE` it also writes every count to FILE as a JSON object when
+  keys every `interval` seconds (default 10) and when the shard stops. With
+  `--handler-arg path=FILE`, it also writes every count to FILE as a JSON object when
   the shard stops.
 - `evp:jsonl` appends each event to a JSON-lines file and drops it:
   `--handler-arg path=FILE` (default `evp-output-{shard}.jsonl`).

@@ -417,8 +417,8 @@ class Consumer:
     when it returns, the records are acknowledged, up to the offset it returns if it
     returns one. `acknowledge` moves a partition's position later, for events finished
     outside `process`. After a reconnect, frames received on the old connection are
-    dropped unprocessed, because the queue sends them again; `on_session` is called
-    first, so the caller can drop its own state of the old connection.
+    dropped unprocessed, because the queue sends them again. `on_session` is called at
+    each new connection, so the caller can drop its own state of the old one.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""What a handler learns about the event it is given, and how it chooses an output key."""
+"""The per-event context passed to handlers, and the wrapper that sets an output key."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Keyed:
 
 
 class Context:
-    """Where an event came from and which delivery of it this is.
+    """The origin of one event and its delivery count, for a handler's second argument.
 
     A handler that takes two parameters, `(event, context)`, gets one per call.
     """

@@ -12,9 +12,9 @@ restarted shard or to another one, and the crash would repeat forever. So:
 - Before calling the handler, a shard looks the event up in the table. An event that
   crashed its shard `--max-retries` times is dead-lettered without calling the handler.
 
-Only the supervisor writes the table; shards read it. A version number, bumped after
-each write, tells a shard when to reread its copy, so the lookup per event is one read
-of shared memory.
+Only the supervisor writes the table; shards read it. Each write bumps a version number,
+and a shard copies the table again only when the version changed, so the lookup per
+event is one read of shared memory.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import multiprocessing.sharedctypes
 import signal
 from typing import Any
 
-# Events remembered at once. An entry is only useful while its event is unfinished, so
-# a processor with more events crashing at the same time than this is rare; the oldest
-# entry is replaced first.
+# Events remembered at once. An entry matters only while its event is unfinished, and
+# this many events crashing at once is an estimate of a generous upper bound. When the
+# table is full, the oldest entry is replaced.
 CRASH_TABLE_ENTRIES = 256
 _FIELDS = 4  # partition, offset, crashes, last exit code
 _EMPTY = -1

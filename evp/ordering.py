@@ -4,9 +4,9 @@ Rules this module keeps, for one partition of one shard:
 
 - A key whose event failed is blocked: its later events queue behind the failed one
   and reach the handler only after it succeeds or is dead-lettered. Other keys go on.
-- The acknowledgement position (the next offset; every offset below it is done)
-  never passes the oldest unfinished offset, so a crash redelivers every event that
-  was not finished. Events of other keys finished beyond that offset are delivered
+- The acknowledgement position is the next offset, and every offset below it is
+  done. It never passes the oldest unfinished offset, so a crash redelivers every
+  event that was not finished. Events of other keys finished beyond that offset are delivered
   again after such a crash (at-least-once).
 """
 

@@ -56,8 +56,6 @@ STARTUP_FAILED = 3
 # the maximum. Short first retries get past brief faults (a dropped connection) quickly.
 RETRY_BACKOFF_INITIAL_S = 0.1
 RETRY_BACKOFF_MAX_S = 30.0
-# Room for the dead letter's own fields around the original event, in bytes.
-DEAD_LETTER_OVERHEAD_BYTES = 4096
 PRODUCER_RECONNECT_S = 1.0
 
 
@@ -185,7 +183,7 @@ class Shard:
             if work.is_blocked(record.key):
                 work.block(record)
                 continue
-            if await self._attempt(partition, record, 1):
+            if await self._attempt(partition, record, 1, epoch):
                 finished += 1
             else:
                 work.block(record)
@@ -202,7 +200,9 @@ class Shard:
         self.latency.record_many([now_us - record.timestamp_us for record in batch])
         return work.ack_position()
 
-    async def _attempt(self, partition: int, record: records.Record, attempt: int) -> bool:
+    async def _attempt(
+        self, partition: int, record: records.Record, attempt: int, epoch: int
+    ) -> bool:
         """Deliver `record` to the handler once; return False when it should be retried.
 
         A success emits the results. A failure on the last allowed delivery, or an
@@ -231,7 +231,7 @@ class Shard:
         # Any failure of the user's code is retried, including SystemExit and
         # KeyboardInterrupt raised by it, and a result that is not JSON events.
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
-            return self._on_failure(partition, record, delivery, exc)
+            return self._on_failure(partition, record, delivery, exc, epoch)
         if self._retrying:
             self._retrying.pop((partition, record.key), None)
         self._emit(partition, record, outputs)
@@ -251,8 +251,8 @@ class Shard:
             logger=self.handler_logger,
         )
         event = orjson.loads(record.value)
-        # Retries run next to the main loop; the lock keeps one handler call at a time,
-        # as a handler written for one event at a time expects.
+        # Retries run beside the main loop. The lock keeps one handler call at a time,
+        # because a handler is written for one event at a time.
         async with self._handler_lock:
             if self.in_progress is not None:
                 self.in_progress.set(partition, record.offset)
@@ -266,7 +266,12 @@ class Shard:
         return result
 
     def _on_failure(
-        self, partition: int, record: records.Record, delivery: int, exc: BaseException
+        self,
+        partition: int,
+        record: records.Record,
+        delivery: int,
+        exc: BaseException,
+        epoch: int,
     ) -> bool:
         key_text = record.key.decode(errors="replace")
         error = f"{type(exc).__name__}: {exc}"
@@ -274,6 +279,10 @@ class Shard:
             self._retrying.pop((partition, record.key), None)
             self._dead_letter(partition, record, error, _last_frame(exc), delivery)
             return True
+        if epoch != self.consumer.epoch:
+            # The connection is gone, and with it this retry: the queue sends the event
+            # again, and `_reset` dropped the state it would be reported in.
+            return False
         self._retrying[(partition, record.key)] = {
             "partition": partition,
             "offset": record.offset,
@@ -309,7 +318,7 @@ class Shard:
             await asyncio.sleep(retry_delay_s(attempt - 1))
             if epoch != self.consumer.epoch:
                 return
-            if not await self._attempt(partition, record, attempt):
+            if not await self._attempt(partition, record, attempt, epoch):
                 attempt += 1
                 continue
             done = [record.offset]
@@ -318,7 +327,7 @@ class Shard:
             while not released:
                 record = work.head(key)
                 assert record is not None
-                if not await self._attempt(partition, record, 1):
+                if not await self._attempt(partition, record, 1, epoch):
                     break
                 done.append(record.offset)
                 released = not work.pop_head(key)
