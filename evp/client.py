@@ -434,9 +434,13 @@ class Consumer:
         report: Callable[[], protocol.Report] | None = None,
         before_ack: Callable[[], None] | None = None,
         on_session: Callable[[], None] | None = None,
+        has_unfinished: Callable[[], bool] | None = None,
     ) -> None:
         self.address = address
         self.on_session = on_session
+        # True while events that `process` returned before finishing are still
+        # unfinished; a leave waits for them.
+        self.has_unfinished = has_unfinished
         self.report = report
         # Called before each ACK goes out, e.g. to flush output the ACK vouches for.
         self.before_ack = before_ack
@@ -563,7 +567,7 @@ class Consumer:
         while True:
             if not self._frames:
                 self._flush_acks(pending_acks)
-                if self._leaving and self._left.is_set():
+                if self._leaving and self._left.is_set() and not self._unfinished():
                     self._finish_leave()
                 self._frame_ready.clear()
                 await self._frame_ready.wait()
@@ -592,6 +596,9 @@ class Consumer:
                 pending_acks[frame.partition] = batch[-1].offset + 1
             if len(pending_acks) >= 8:
                 self._flush_acks(pending_acks)
+
+    def _unfinished(self) -> bool:
+        return self.has_unfinished is not None and self.has_unfinished()
 
     def superseded(self) -> bool:
         """Return True when the batch being processed came on a connection now closed."""

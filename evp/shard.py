@@ -123,6 +123,7 @@ class Shard:
             report=self._queue_report,
             before_ack=self._flush_output,
             on_session=self._reset,
+            has_unfinished=self._has_unfinished,
         )
         # Latency is reported over a sliding window of the last LATENCY_WINDOW_S to
         # twice that, so a backlog worked off long ago stops showing in the percentiles.
@@ -154,6 +155,9 @@ class Shard:
         if work is None:
             work = self._works[partition] = PartitionWork()
         return work
+
+    def _has_unfinished(self) -> bool:
+        return any(work.unfinished for work in self._works.values())
 
     def _reset(self) -> None:
         """Drop the state of the previous connection: the queue sends its events again."""

@@ -79,3 +79,13 @@ class Recorder:
     def _write(self, row: dict[str, Any]) -> None:
         self.file.write(orjson.dumps(row) + b"\n")
         self.file.flush()
+
+
+class BrokenSetup:
+    """A handler class whose setup() fails, as with a missing configuration file."""
+
+    def setup(self) -> None:
+        raise FileNotFoundError("settings.toml not found")
+
+    def handle(self, event: dict[str, Any]) -> dict[str, Any]:
+        return event

@@ -261,6 +261,52 @@ def test_class_handler_lifecycle(evp, tmp_path):
         assert before_publish <= timestamp <= after_publish
 
 
+@pytest.mark.timeout(120)
+def test_setup_failure_not_restarted(evp):
+    _, address = evp.queue()
+    process = evp.start(
+        "process", "--queue", address, "--shards", "2", "--node", "broken",
+        "--handler", f"{HANDLERS}:BrokenSetup",
+        log_name="broken",
+    )
+    assert process.wait(timeout=90) == 1
+    log = evp.log("broken")
+    assert "setup() of handler" in log
+    assert "FileNotFoundError: settings.toml not found" in log
+    assert len(re.findall(r"started shard-\d pid=", log)) == 2
+    assert "every shard has stopped and none will be restarted" in log
+
+
+@pytest.mark.timeout(120)
+def test_drain_waits_for_retry(evp, tmp_path, monkeypatch):
+    release = tmp_path / "release"
+    monkeypatch.setenv(RELEASE_ENV, str(release))
+    _, address = evp.queue(None, None, "--partitions", "1")
+    events = [{"id": "a-0", "user": "a", "hold": True}, {"id": "a-1", "user": "a"}]
+    events += [{"id": f"b-{number}", "user": "b"} for number in range(3)]
+    publish_events(evp, address, write_lines(tmp_path / "events.jsonl", events))
+    output = tmp_path / "out"
+    process = start_processor(
+        evp, address, "drain", "--output", str(output), "--max-retries", "30",
+        "--handler", f"{HANDLERS}:hold_until_released",
+    )
+    wait_until(lambda: len(read_output(output)) == 3, message="the b events did not pass")
+    process.send_signal(signal.SIGTERM)
+    # The shard keeps retrying while it drains; the drain ends once the held event
+    # and the event queued behind it are done and acknowledged.
+    wait_until(
+        lambda: group_state(address, "events")["members"][0]["leaving"],
+        message="the shard did not start its drain",
+    )
+    assert process.poll() is None
+    release.touch()
+    assert process.wait(timeout=60) == 0
+    assert group_state(address, "events")["lag"] == 0
+    order = [row["event"]["id"] for row in read_output(output)]
+    assert sorted(order) == sorted(event["id"] for event in events)
+    assert order[-2:] == ["a-0", "a-1"]
+
+
 def test_handler_arg_rejected_for_function(evp, tmp_path):
     result = evp.run(
         "process", "--queue", "127.0.0.1:1", "--handler", f"{HANDLERS}:fail_marked",
