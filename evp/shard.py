@@ -172,6 +172,8 @@ class Shard:
         work = self._work(partition)
         last_yield = time.monotonic()
         finished = 0
+        # Without a handler nothing fails, so events skip the retry bookkeeping.
+        passthrough = self.handler is None
         for index, record in enumerate(batch):
             now = time.monotonic()
             if now - last_yield > YIELD_INTERVAL_S:
@@ -184,6 +186,10 @@ class Shard:
                     # events again, possibly to another shard, so stop here.
                     batch = batch[:index]
                     break
+            if passthrough:
+                self._emit(partition, record, [(record.key, record.value)])
+                finished += 1
+                continue
             if work.is_blocked(record.key):
                 work.block(record)
                 continue
@@ -213,9 +219,7 @@ class Shard:
         event that crashed its shard too often, is dead-lettered, which also counts as
         finished.
         """
-        if self.handler is None:
-            self._emit(partition, record, [(record.key, record.value)])
-            return True
+        assert self.handler is not None, "events without a handler skip _attempt"
         crashes, exit_code = 0, None
         if self.crash_table is not None:
             crashed = self.crash_table.lookup(partition, record.offset)
@@ -242,32 +246,49 @@ class Shard:
         return True
 
     async def _call_handler(self, partition: int, record: records.Record, delivery: int) -> Any:
-        assert self.handler is not None and self._handler_lock is not None
-        context = Context(
-            topic=self.config.topic,
-            partition=partition,
-            offset=record.offset,
-            key=record.key.decode(errors="replace"),
-            shard=self.index,
-            member=self.member,
-            delivery=delivery,
-            timestamp_us=record.timestamp_us,
-            logger=self.handler_logger,
-        )
+        handler = self.handler
+        assert handler is not None and self._handler_lock is not None
+        context = None
+        if handler.takes_context:
+            context = Context(
+                topic=self.config.topic,
+                partition=partition,
+                offset=record.offset,
+                key=record.key.decode(errors="replace"),
+                shard=self.index,
+                member=self.member,
+                delivery=delivery,
+                timestamp_us=record.timestamp_us,
+                logger=self.handler_logger,
+            )
         event = orjson.loads(record.value)
-        # Retries run beside the main loop. The lock keeps one handler call at a time,
-        # because a handler is written for one event at a time.
-        async with self._handler_lock:
-            if self.in_progress is not None:
-                self.in_progress.set(partition, record.offset)
+        in_progress = self.in_progress
+        if not handler.is_async:
+            # A synchronous call cannot interleave with another call, so it takes no lock.
+            if in_progress is not None:
+                in_progress.set(partition, record.offset)
             try:
-                result = self.handler.call(event, context)
-                if self.handler.is_async or inspect.isawaitable(result):
-                    result = await result
+                result = handler.call(event, context)
             finally:
-                if self.in_progress is not None:
-                    self.in_progress.clear()
-        return result
+                if in_progress is not None:
+                    in_progress.clear()
+            if not inspect.isawaitable(result):
+                return result
+            handler_call = result
+        else:
+            handler_call = None
+        # Retries run beside the main loop. The lock keeps one asynchronous handler call
+        # at a time, because a handler is written for one event at a time.
+        async with self._handler_lock:
+            if in_progress is not None:
+                in_progress.set(partition, record.offset)
+            try:
+                if handler_call is None:
+                    handler_call = handler.call(event, context)
+                return await handler_call
+            finally:
+                if in_progress is not None:
+                    in_progress.clear()
 
     def _on_failure(
         self,
