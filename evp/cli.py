@@ -243,7 +243,9 @@ def process(
 
     from evp import views
 
-    code = views.process_with_view(config, Console())
+    # evp:print writes events to stdout, where the live view would overwrite them.
+    console = Console(force_terminal=False) if handler == "evp:print" else Console()
+    code = views.process_with_view(config, console)
     raise typer.Exit(code)
 
 

@@ -186,7 +186,8 @@ def test_dead_letter_after_retries(evp, tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_crashing_event_dead_lettered(evp, tmp_path):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_crashing_event_dead_lettered(evp, tmp_path, shards):
     _, address = evp.queue(None, None, "--partitions", "2")
     events = [
         {"id": f"e-{number}", "user": f"user-{number % 4}", "crash": number == 5}
@@ -194,9 +195,11 @@ def test_crashing_event_dead_lettered(evp, tmp_path):
     ]
     publish_events(evp, address, write_lines(tmp_path / "events.jsonl", events))
     output = tmp_path / "out"
+    # With two shards, the crashing event moves to the other shard after each crash.
     process = start_processor(
         evp, address, "crash", "--output", str(output), "--max-retries", "2",
         "--handler", f"{HANDLERS}:exit_on_marked",
+        shards=shards,
     )
     wait_for_lag_zero(address, "events")
     rows = read_dead_letters(evp, address, tmp_path, 1)
@@ -211,13 +214,22 @@ def test_crashing_event_dead_lettered(evp, tmp_path):
     passed = {row["event"]["id"] for row in read_output(output)}
     assert passed == {event["id"] for event in events if not event["crash"]}
     assert process.poll() is None
+    # Every shard is back (one may still be in its restart backoff at lag 0), and it
+    # took exactly two restarts: the third delivery was dead-lettered.
+    wait_for_node(evp, process, "crash", address, "crash", shards)
     log = evp.log("crash")
-    starts = re.findall(r"started shard-0 pid=(\d+)", log)
-    assert len(starts) == 3, log
+    starts = re.findall(r"started shard-(\d+) pid=(\d+)", log)
+    assert len(starts) == shards + 2, log
     assert len(re.findall(r"while handling topic=events partition=\d+ offset=\d+", log)) == 2
-    # The member reports its pid with its first heartbeat.
-    pid = wait_until(lambda: group_state(address, "events")["members"][0]["pid"])
-    assert pid == int(starts[-1])
+    latest = {f"crash/shard-{index}": int(pid) for index, pid in starts}
+
+    # Members report their pid with their first heartbeat.
+    def reported_pids() -> dict[str, int] | None:
+        members = group_state(address, "events")["members"]
+        pids = {member["id"]: member["pid"] for member in members}
+        return pids if all(pids.values()) else None
+
+    assert wait_until(reported_pids) == latest
 
 
 # Handler classes and the context.
