@@ -31,9 +31,8 @@ class PartitionWork:
         self.next_offset = 0
 
     def delivered(self, offset: int) -> None:
-        """Note that the event at `offset` arrived."""
-        if offset + 1 > self.next_offset:
-            self.next_offset = offset + 1
+        """Note that every event up to `offset` arrived and is done or unfinished."""
+        self.next_offset = offset + 1
 
     def is_blocked(self, key: bytes) -> bool:
         return key in self.blocked

@@ -331,7 +331,21 @@ class Shard:
     def _start_retry(self, partition: int, work: PartitionWork, key: bytes, epoch: int) -> None:
         task = asyncio.create_task(self._retry_key(partition, work, key, epoch))
         self._retry_tasks.add(task)
-        task.add_done_callback(self._retry_tasks.discard)
+        task.add_done_callback(self._on_retry_done)
+
+    def _on_retry_done(self, task: asyncio.Task[None]) -> None:
+        self._retry_tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # Not a handler failure (those are caught in `_attempt`): the key would stay
+        # blocked for good, so stop like a failed batch and let the supervisor restart.
+        logger.error(
+            "member=%s failed retrying an event; stopping",
+            self.member,
+            exc_info=task.exception(),
+        )
+        self.consumer.failed_error = True
+        self.consumer.stop()
 
     async def _retry_key(self, partition: int, work: PartitionWork, key: bytes, epoch: int) -> None:
         """Retry the failed head event of `key`, then release the events queued behind it."""

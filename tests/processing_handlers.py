@@ -89,3 +89,14 @@ class BrokenSetup:
 
     def handle(self, event: dict[str, Any]) -> dict[str, Any]:
         return event
+
+
+def invalid_results(event: dict[str, Any]) -> Any:
+    """Return results the queue cannot take for marked events: a bad key, a huge event."""
+    from evp import Keyed
+
+    if event.get("bad_key"):
+        return Keyed(123, event)  # type: ignore[arg-type]
+    if event.get("huge"):
+        return dict(event, padding="x" * 8192)
+    return event

@@ -185,6 +185,33 @@ def test_dead_letter_after_retries(evp, tmp_path):
     assert group_state(address, "events")["members"][0]["failed"] == 2
 
 
+@pytest.mark.timeout(120)
+def test_invalid_results_dead_lettered(evp, tmp_path):
+    _, address = evp.queue(None, None, "--partitions", "2", "--max-event-bytes", "4096")
+    events = [{"id": f"e-{number}", "user": f"user-{number % 3}"} for number in range(6)]
+    events[1]["bad_key"] = True
+    events[4]["huge"] = True
+    publish_events(evp, address, write_lines(tmp_path / "events.jsonl", events))
+    start_processor(
+        evp, address, "invalid", "--max-retries", "0", "--output-topic", "results",
+        "--handler", f"{HANDLERS}:invalid_results",
+    )
+    wait_for_lag_zero(address, "events")
+    rows = read_dead_letters(evp, address, tmp_path, 2)
+    errors = {row["event"]["event"]["id"]: row["event"]["error"] for row in rows}
+    assert sorted(errors) == ["e-1", "e-4"]
+    assert errors["e-1"] == "TypeError: Keyed key 123 is not a non-empty string"
+    assert errors["e-4"].startswith("ValueError: handler returned an event of ")
+    assert "over the queue's limit of 4096 bytes" in errors["e-4"]
+    # The other results reached the output topic, none of them lost with the bad ones.
+    results = tmp_path / "results"
+    start_processor(evp, address, "results", "--output", str(results), topic="results", group="r")
+    wait_for_lag_zero(address, "results", "r")
+    assert sorted(row["event"]["id"] for row in read_output(results)) == [
+        "e-0", "e-2", "e-3", "e-5",
+    ]
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("shards", [1, 2])
 def test_crashing_event_dead_lettered(evp, tmp_path, shards):
