@@ -3,11 +3,13 @@ crashes of the handler's process, handler classes and chains through --output-to
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,19 @@ def write_lines(path: Path, events: list[dict[str, Any]]) -> Path:
     return path
 
 
-def publish_events(evp: Any, address: str, path: Path, topic: str = "events") -> None:
-    result = evp.run(
+def publish_events(
+    evp: Any, address: str, path: Path, topic: str = "events", rate: int = 0
+) -> subprocess.Popen[bytes] | None:
+    """Publish the events of `path` keyed by "user"; wait for the end unless `rate` is set."""
+    args = (
         "publish", "--queue", address, "--topic", topic, "--file", str(path),
-        "--key-field", "user", "--rate", "0",
+        "--key-field", "user", "--rate", str(rate),
     )
+    if rate:
+        return evp.start(*args, log_name="publish")
+    result = evp.run(*args)
     assert result.returncode == 0, result.stderr.decode()
+    return None
 
 
 def start_processor(
@@ -411,6 +420,132 @@ def test_chain_survives_stage_kill(evp, tmp_path):
     assert {row["key"] for row in keyed} == {event["id"] for event in events}
     for row in keyed:
         assert row["key"] == row["event"]["id"]
+
+
+PUBLISH_FRAME_TYPE = 0x10
+
+
+class PublishDelayProxy:
+    """A TCP proxy on 127.0.0.1 in front of the queue that holds PUBLISH frames back.
+
+    Each PUBLISH frame from a client waits `delay_s` in the proxy before it goes on to
+    the queue, and is dropped if the client's connection closes first, as if it had
+    never left a host that died. Other frames pass at once, in order.
+    """
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        self.upstream_port = upstream_port
+        self.delay_s = delay_s
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PublishDelayProxy:
+        self._thread.start()
+        assert self._ready.wait(10), "the proxy did not start"
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+        self._loop.close()
+
+    async def _serve(self, client_reader: Any, client_writer: Any) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.upstream_port
+        )
+        await asyncio.gather(
+            self._client_to_queue(client_reader, upstream_writer),
+            self._queue_to_client(upstream_reader, client_writer),
+            return_exceptions=True,
+        )
+
+    async def _client_to_queue(self, reader: Any, writer: Any) -> None:
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        client_closed = asyncio.Event()
+
+        async def forward() -> None:
+            while True:
+                due, frame = await frames.get()
+                if due > loop.time():
+                    closed = asyncio.create_task(client_closed.wait())
+                    await asyncio.wait({closed}, timeout=due - loop.time())
+                    closed.cancel()
+                if client_closed.is_set() and due > loop.time():
+                    return
+                writer.write(frame)
+                await writer.drain()
+
+        forwarder = asyncio.create_task(forward())
+        try:
+            while True:
+                header = await reader.readexactly(4)
+                body = await reader.readexactly(int.from_bytes(header, "big"))
+                delay_s = self.delay_s if body[0] == PUBLISH_FRAME_TYPE else 0.0
+                frames.put_nowait((loop.time() + delay_s, header + body))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            client_closed.set()
+        # Frames due already go out; held PUBLISH frames are dropped.
+        while not frames.empty() and not forwarder.done():
+            await asyncio.sleep(0.01)
+        forwarder.cancel()
+        writer.close()
+
+    async def _queue_to_client(self, reader: Any, writer: Any) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+@pytest.mark.timeout(180)
+def test_results_acknowledged_before_input(evp, tmp_path):
+    _, address = evp.queue(None, None, "--partitions", "4")
+    events = [{"id": f"e-{number:04d}", "user": f"user-{number % 20}"} for number in range(1000)]
+    output = tmp_path / "out"
+    start_processor(
+        evp, address, "second", "--output", str(output), topic="stage", group="second"
+    )
+    queue_port = int(address.rpartition(":")[2])
+    with PublishDelayProxy(queue_port, delay_s=0.3) as proxy:
+        first = evp.start(
+            "process", "--queue", f"127.0.0.1:{proxy.port}", "--shards", "1", "--node", "first",
+            "--handler", "evp:passthrough", "--output-topic", "stage", "--max-in-flight", "100",
+            log_name="first",
+        )
+        wait_for_node(evp, first, "first", address, "first", 1)
+        # Published over about 4 s, so results keep waiting in the proxy throughout.
+        publisher = publish_events(
+            evp, address, write_lines(tmp_path / "events.jsonl", events), rate=250
+        )
+        # Kill the first stage's shard while results it published are held in the
+        # proxy: a shard that acknowledged its input before PUBLISHED loses them.
+        wait_until(lambda: len(read_output(output)) >= 300, CATCH_UP_TIMEOUT_S)
+        os.kill(group_state(address, "events")["members"][0]["pid"], signal.SIGKILL)
+        wait_until(
+            lambda: len(re.findall(r"started shard-0 pid=", evp.log("first"))) == 2,
+            message="the killed shard was not restarted",
+        )
+        assert publisher.wait(timeout=60) == 0
+        wait_for_lag_zero(address, "events")
+        wait_for_lag_zero(address, "stage", "second")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+    missing = {event["id"] for event in events} - {row["event"]["id"] for row in read_output(output)}
+    assert missing == set()
 
 
 # Built-in handlers.
