@@ -128,6 +128,17 @@ def test_retry_holds_only_its_key(evp, tmp_path, monkeypatch):
     assert retrying["key"] == "a"
     assert retrying["offset"] == 1
     assert "HeldError" in retrying["error"]
+    # Events published while the key waits reach the shard too, though the partition's
+    # position does not move.
+    late = [{"id": f"b-late-{number}", "user": "b"} for number in range(3)]
+    late.append({"id": "a-late", "user": "a"})
+    publish_events(evp, address, write_lines(tmp_path / "late.jsonl", late))
+    events += late
+    wait_until(
+        lambda: {row["event"]["id"] for row in read_output(output)} >= {"b-late-2"},
+        message="events published during the retry did not pass the held key",
+    )
+    assert "a-late" not in {row["event"]["id"] for row in read_output(output)}
 
     release.touch()
     wait_for_lag_zero(address, "events")
@@ -135,7 +146,7 @@ def test_retry_holds_only_its_key(evp, tmp_path, monkeypatch):
     order = [row["event"]["id"] for row in rows]
     assert sorted(order) == sorted(event["id"] for event in events)
     assert [event_id for event_id in order if event_id.startswith("a-")] == [
-        "a-0", "a-1", "a-2", "a-3",
+        "a-0", "a-1", "a-2", "a-3", "a-late",
     ]
     held = next(row for row in rows if row["event"]["id"] == "a-0")
     assert held["event"]["delivery"] > 1
