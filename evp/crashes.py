@@ -19,7 +19,6 @@ event is one read of shared memory.
 
 from __future__ import annotations
 
-import multiprocessing.sharedctypes
 import signal
 from typing import Any
 
