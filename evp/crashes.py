@@ -22,9 +22,9 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-# Events remembered at once. An entry matters only while its event is unfinished, and
-# this many events crashing at once is an estimate of a generous upper bound. When the
-# table is full, the oldest entry is replaced.
+# Events remembered at once. An entry matters only until its event is dead-lettered,
+# and 256 is a guess well above how many different events crash a processor's shards
+# in that time. When the table is full, the oldest entry is replaced.
 CRASH_TABLE_ENTRIES = 256
 _FIELDS = 4  # partition, offset, crashes, last exit code
 _EMPTY = -1
