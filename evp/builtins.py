@@ -56,7 +56,11 @@ def print_event(event: dict[str, Any], context: Context) -> dict[str, Any]:
 
 
 class Count:
-    """Count events per key; log the top keys periodically and write the counts at the end."""
+    """Count events per key; log the top keys periodically and write the counts at the end.
+
+    NOTE: the counts live in memory only. A shard that crashes loses them, and its
+    restart writes counts from zero over the file at its next shutdown.
+    """
 
     def __init__(self, path: str | None = None, interval: str = "10") -> None:
         try:
