@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from evp.context import Context, Keyed
+
+__all__ = ["Context", "Keyed", "__version__"]
+
 __version__ = "0.1.0"
 
 __all__ = ["ClientError", "Consumer", "Producer", "ServerError", "__version__"]

@@ -186,7 +186,10 @@ def process(
     shards: Annotated[int, typer.Option(envvar="EVP_SHARDS", min=1, max=1024, help="Number of shard worker processes.")] = 8,
     group: Annotated[str, typer.Option(envvar="EVP_GROUP", help="Consumer group; processors in one group share the work.")] = "default",
     topic: Topic = "events",
-    handler: Annotated[str | None, typer.Option(envvar="EVP_HANDLER", help="MODULE:FUNCTION called on each event; events pass through unchanged without it.", show_default=False)] = None,
+    handler: Annotated[str | None, typer.Option(envvar="EVP_HANDLER", help="MODULE:FUNCTION or MODULE:CLASS called on each event, or a built-in: evp:passthrough, evp:print, evp:count, evp:jsonl. Events pass through unchanged without it.", show_default=False)] = None,
+    handler_arg: Annotated[list[str] | None, typer.Option("--handler-arg", envvar="EVP_HANDLER_ARG", help="NAME=VALUE keyword argument of a handler class's constructor, e.g. path=out.jsonl for evp:jsonl; repeat for more.", show_default=False)] = None,
+    output_topic: Annotated[str | None, typer.Option(envvar="EVP_OUTPUT_TOPIC", help="Publish the handler's results to this topic, keyed like their input event.", show_default=False)] = None,
+    max_retries: Annotated[int, typer.Option(envvar="EVP_MAX_RETRIES", min=0, max=100, help="Retries of a failed event, with exponential backoff, before it goes to the topic <topic>.dlq.")] = 3,
     output: Annotated[Path | None, typer.Option(envvar="EVP_OUTPUT", help="Directory for one JSON-lines file of results per shard.", show_default=False)] = None,
     node: Annotated[str | None, typer.Option(envvar="EVP_NODE", help="Node name in member ids (<node>/shard-<n>); defaults to the host name. Give each processor on one host its own.", show_default=False)] = None,
     max_in_flight: Annotated[int, typer.Option(envvar="EVP_MAX_IN_FLIGHT", min=1, help="Unacknowledged events each shard accepts at once.")] = 1000,
@@ -198,6 +201,8 @@ def process(
     """Run shard worker processes that process events with a handler."""
     from evp import processor
     from evp.client import ClientError, configure_tls, parse_address
+    from evp.deadletter import dlq_topic
+    from evp.handlers import HandlerError, check_handler, parse_handler_args
     from evp.storage import StorageError, check_name
 
     _setup_logging(log_level)
@@ -206,11 +211,22 @@ def process(
         configure_tls(tls_ca)
         check_name("topic", topic)
         check_name("group", group)
+        check_name("dead-letter topic", dlq_topic(topic))
+        if output_topic is not None:
+            check_name("output topic", output_topic)
+            if output_topic == topic:
+                raise ValueError(
+                    f"--output-topic {output_topic!r} is the input topic, so every result "
+                    f"would be processed again; give another topic"
+                )
+        handler_args = parse_handler_args(handler_arg)
         if handler:
-            processor.load_handler(handler)
+            check_handler(handler, handler_args)
+        elif handler_args:
+            raise ValueError("--handler-arg needs --handler; give a handler class to pass it to")
         if output is not None:
             _check_output_dir(output)
-    except (ValueError, StorageError, ClientError, processor.HandlerError) as exc:
+    except (ValueError, StorageError, ClientError, HandlerError) as exc:
         _fail(str(exc))
     config = processor.ProcessorConfig(
         queue=queue,
@@ -219,6 +235,9 @@ def process(
         group=group,
         topic=topic,
         handler=handler,
+        handler_args=handler_args,
+        output_topic=output_topic,
+        max_retries=max_retries,
         output=output,
         max_in_flight=max_in_flight,
         drain_timeout_s=drain_timeout,
@@ -231,7 +250,9 @@ def process(
 
     from evp import views
 
-    code = views.process_with_view(config, Console())
+    # evp:print writes events to stdout, where the live view would overwrite them.
+    console = Console(force_terminal=False) if handler == "evp:print" else Console()
+    code = views.process_with_view(config, console)
     raise typer.Exit(code)
 
 

@@ -474,19 +474,22 @@ class Producer:
             self._connection.close()
 
 
-ProcessBatch = Callable[[int, list[records.Record]], Awaitable[None]]
+# Returns None to acknowledge the whole batch, or the next offset to acknowledge when
+# some of its events are not finished yet.
+ProcessBatch = Callable[[int, list[records.Record]], Awaitable[int | None]]
 
 
 class Consumer:
     """A member of a consumer group: receives its partitions' events and acknowledges them.
 
     `process(partition, records)` is awaited for each DELIVER frame in arrival order;
-    when it returns, the records are acknowledged. Each record is an
-    `evp.records.Record` with `offset`, `timestamp_us`, `key` (bytes) and `value` (the
-    event's JSON bytes). After a reconnect, frames received on the old connection are
-    dropped unprocessed, because the queue sends them again. Processing is
-    at-least-once: an event whose batch was not acknowledged before a crash or a
-    rebalance is delivered again.
+    when it returns, the records are acknowledged, up to the offset it returns if it
+    returns one. Each record is an `evp.records.Record` with `offset`, `timestamp_us`,
+    `key` (bytes) and `value` (the event's JSON bytes). `acknowledge` moves a
+    partition's position later, for events finished outside `process`. After a
+    reconnect, frames received on the old connection are dropped unprocessed, because
+    the queue sends them again. Processing is at-least-once: an event whose batch was
+    not acknowledged before a crash or a rebalance is delivered again.
 
     Members of one group share the topic's partitions. Give each a stable, unique
     `member` id, so that a restarted member gets its partitions back::
@@ -514,6 +517,10 @@ class Consumer:
         token: the queue's shared secret, if it requires one.
         report, before_ack: hooks used by `evp process`: a REPORT frame to send with
             each heartbeat, and a function called before each ACK goes out.
+        on_session: called at each new connection, so the caller can drop its own
+            state of the old one.
+        has_unfinished: returns True while events that `process` returned before
+            finishing are still unfinished; a leave waits for them.
     """
 
     def __init__(
@@ -528,8 +535,14 @@ class Consumer:
         token: str | None = None,
         report: Callable[[], protocol.Report] | None = None,
         before_ack: Callable[[], None] | None = None,
+        on_session: Callable[[], None] | None = None,
+        has_unfinished: Callable[[], bool] | None = None,
     ) -> None:
         self.address = address
+        self.on_session = on_session
+        # True while events that `process` returned before finishing are still
+        # unfinished; a leave waits for them.
+        self.has_unfinished = has_unfinished
         self.report = report
         # Called before each ACK goes out, e.g. to flush output the ACK vouches for.
         self.before_ack = before_ack
@@ -543,6 +556,7 @@ class Consumer:
         self.generation = 0
         self.reconnects = 0
         self._frames: collections.deque[tuple[int, protocol.Deliver]] = collections.deque()
+        self._pending_acks: dict[int, int] = {}
         self._frame_ready = asyncio.Event()
         self._epoch = 0
         self._processing_epoch = 0
@@ -607,6 +621,9 @@ class Consumer:
             delay = RECONNECT_INITIAL_S
             self._epoch += 1
             self._frames.clear()
+            self._pending_acks.clear()
+            if self.on_session is not None:
+                self.on_session()
             self._connection = connection
             self._heartbeat_ms = welcome.heartbeat_interval_ms
             connection.send(
@@ -638,12 +655,25 @@ class Consumer:
             if self.report is not None:
                 connection.send(protocol.encode(self.report()))
 
+    @property
+    def epoch(self) -> int:
+        """The number of the current connection; it grows by one on each reconnect."""
+        return self._epoch
+
+    def acknowledge(self, partition: int, next_offset: int, epoch: int) -> None:
+        """Acknowledge `partition` up to `next_offset` soon, unless the connection of
+        `epoch` is gone (the queue then delivers those events again anyway)."""
+        if epoch != self._epoch:
+            return
+        self._pending_acks[partition] = max(next_offset, self._pending_acks.get(partition, 0))
+        self._frame_ready.set()
+
     async def _work(self) -> None:
-        pending_acks: dict[int, int] = {}
+        pending_acks = self._pending_acks
         while True:
             if not self._frames:
                 self._flush_acks(pending_acks)
-                if self._leaving and self._left.is_set():
+                if self._leaving and self._left.is_set() and not self._unfinished():
                     self._finish_leave()
                 self._frame_ready.clear()
                 await self._frame_ready.wait()
@@ -654,7 +684,7 @@ class Consumer:
             batch = list(records.decode(frame.records, verify=False))
             self._processing_epoch = epoch
             try:
-                await self.process(frame.partition, batch)
+                position = await self.process(frame.partition, batch)
             except Exception:
                 # Not a handler failure (those are retried inside `process`), so the
                 # shard cannot go on: stop, and let the supervisor restart it.
@@ -664,10 +694,17 @@ class Consumer:
                 return
             if epoch != self._epoch:
                 continue
-            if batch:
+            if position is not None:
+                # Sent even when it did not move, because the queue dispatches more
+                # events to a member on each ACK.
+                pending_acks[frame.partition] = position
+            elif batch:
                 pending_acks[frame.partition] = batch[-1].offset + 1
             if len(pending_acks) >= 8:
                 self._flush_acks(pending_acks)
+
+    def _unfinished(self) -> bool:
+        return self.has_unfinished is not None and self.has_unfinished()
 
     def superseded(self) -> bool:
         """Return True when the batch being processed came on a connection now closed."""

@@ -1,83 +1,101 @@
-"""Dead letters: events a shard gave up on, stored in the topic `<topic>.dlq`.
+"""The dead-letter record: what a shard publishes to `<topic>.dlq` for an event it gave up on.
 
-A dead letter is published with the original event's key, and its value is a JSON
-object with the fields of DeadLetter, for example::
-
-    {"event": {...}, "error": "ValueError: message", "frame": "app/handlers.py:42 in handle",
-     "deliveries": 4, "topic": "events", "partition": 3, "offset": 1234,
-     "group": "default", "failed_at": "2026-12-04T19:00:00.123456+00:00"}
+A dead letter keeps the original event's key, and its value is the JSON object that
+`DeadLetter.to_event` returns. Tools that read dead-letter topics parse it with
+`DeadLetter.from_event`, so the field names live here and nowhere else.
 """
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime
 from typing import Any
 
 DLQ_SUFFIX = ".dlq"
 
 
 def dlq_topic(topic: str) -> str:
-    """Return the name of the topic that contains `topic`'s dead letters."""
+    """Return the dead-letter topic of `topic`."""
     return topic + DLQ_SUFFIX
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """An event that failed processing, with where and why it failed."""
+def utc_now() -> str:
+    """Return the current time as an ISO 8601 string in UTC, with microseconds."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event that failed every delivery, with where it came from and why it failed."""
+
+    # The original event, exactly as the handler received it.
     event: dict[str, Any]
-    # The exception as "TypeName: message".
+    # "ExceptionType: message" of the last failure.
     error: str
-    # The source line that raised, as "path/file.py:LINE in FUNCTION", or None when unknown.
-    frame: str | None
-    # How many times the event was delivered before the shard gave up.
+    # The last frame of the traceback, "path/file.py:42 in handle"; empty when the
+    # shard process died and left no traceback.
+    frame: str
+    # How many times the event was delivered to the handler, the last failure included.
     deliveries: int
     topic: str
     partition: int
     offset: int
     group: str
-    # When the shard gave up, ISO 8601 with a UTC offset.
+    # When the shard gave up, ISO 8601 in UTC.
     failed_at: str
 
     def to_event(self) -> dict[str, Any]:
-        """Return the dead letter as the JSON object that is published."""
+        """Return the dead letter as the JSON object published to the dead-letter topic."""
         return asdict(self)
 
     @classmethod
     def from_event(cls, value: Any) -> DeadLetter:
-        """Build a DeadLetter from a published value; raise ValueError naming the bad field."""
+        """Parse a dead-letter topic's event; raise ValueError naming what is wrong."""
         if not isinstance(value, dict):
-            raise ValueError(f"a dead letter must be a JSON object, got {type(value).__name__}")
-        missing = [field.name for field in fields(cls) if field.name not in value]
+            raise ValueError(
+                f"invalid dead letter: expected a JSON object, got {type(value).__name__}"
+            )
+        expected = {field.name for field in fields(cls)}
+        missing = sorted(expected - value.keys())
         if missing:
-            raise ValueError(f"not a dead letter: missing field(s) {', '.join(missing)}")
-        checks: dict[str, tuple[type, ...]] = {
-            "event": (dict,),
-            "error": (str,),
-            "frame": (str, type(None)),
-            "deliveries": (int,),
-            "topic": (str,),
-            "partition": (int,),
-            "offset": (int,),
-            "group": (str,),
-            "failed_at": (str,),
+            raise ValueError(
+                f"invalid dead letter: missing field(s) {', '.join(missing)}; "
+                f"a dead letter has the fields {', '.join(sorted(expected))}"
+            )
+        checks: dict[str, type] = {
+            "event": dict,
+            "error": str,
+            "frame": str,
+            "deliveries": int,
+            "topic": str,
+            "partition": int,
+            "offset": int,
+            "group": str,
+            "failed_at": str,
         }
-        for name, kinds in checks.items():
+        for name, kind in checks.items():
             field_value = value[name]
-            # bool is an int subclass, but true is not a count.
-            if not isinstance(field_value, kinds) or isinstance(field_value, bool):
-                names = ["null" if kind is type(None) else kind.__name__ for kind in kinds]
-                expected = " or ".join(names)
+            # bool is an int in Python, but never a valid count or offset.
+            if not isinstance(field_value, kind) or isinstance(field_value, bool):
                 raise ValueError(
-                    f"invalid dead letter field {name!r}: expected {expected}, "
-                    f"got {field_value!r:.80}"
+                    f"invalid dead letter: field {name!r} is {field_value!r}, "
+                    f"expected {_kind_name(kind)}"
+                )
+        for name in ("deliveries", "partition", "offset"):
+            if value[name] < 0:
+                raise ValueError(
+                    f"invalid dead letter: field {name!r} is {value[name]}, expected a "
+                    f"non-negative integer"
                 )
         try:
-            datetime.fromisoformat(value["failed_at"])
+            datetime.datetime.fromisoformat(value["failed_at"])
         except ValueError:
             raise ValueError(
-                f"invalid dead letter field 'failed_at': {value['failed_at']!r:.80} is not an "
-                f"ISO 8601 time"
+                f"invalid dead letter: field 'failed_at' is {value['failed_at']!r:.80}, "
+                f"expected an ISO 8601 time"
             ) from None
-        return cls(**{field.name: value[field.name] for field in fields(cls)})
+        return cls(**{name: value[name] for name in expected})
+
+
+def _kind_name(kind: type) -> str:
+    return {dict: "a JSON object", str: "a string", int: "an integer"}.get(kind, kind.__name__)

@@ -263,6 +263,9 @@ class Group:
             return
         count = next_offset - cursor.committed
         if count == 0:
+            # A shard holding back its position behind an event it retries still
+            # acknowledges each frame, to ask for more events of its other keys.
+            self.dispatch(member)
             return
         cursor.committed = next_offset
         member.in_flight -= count
@@ -325,8 +328,10 @@ class Group:
             # A member with unacknowledged events gets new ones from the dispatch that
             # its next ACK triggers. It processes in order, so sending earlier would
             # not process them earlier, and waiting lets many small publishes share
-            # one DELIVER frame per partition.
-            if owner.in_flight == 0:
+            # one DELIVER frame per partition. A member retrying an event is sent at
+            # once, because it holds back its acknowledgements until the retry ends
+            # and its other keys would wait that long.
+            if owner.in_flight == 0 or owner.retrying:
                 self.dispatch(owner)
 
     def dispatch_all(self) -> None:

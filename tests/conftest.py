@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,3 +132,51 @@ def wait_until(predicate: Any, timeout_s: float = 60.0, interval_s: float = 0.2,
         if time.monotonic() > deadline:
             raise TimeoutError(message or f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
+
+
+def read_output(directory: Path) -> list[dict[str, Any]]:
+    """Read the rows of every shard output file, each file in the order it was written."""
+    rows = []
+    for path in sorted(directory.glob("shard-*.jsonl")):
+        with path.open("rb") as file:
+            rows.extend(orjson.loads(line) for line in file)
+    return rows
+
+
+def group_state(address: str, topic: str = "events", group: str = "default") -> dict[str, Any] | None:
+    """Return the snapshot of one group of a running queue, or None before it exists."""
+    for state in snapshot(address)["groups"]:
+        if state["topic"] == topic and state["group"] == group:
+            return state
+    return None
+
+
+def wait_for_node(
+    evp: Evp,
+    process: subprocess.Popen[bytes],
+    log_name: str,
+    address: str,
+    node: str,
+    shards: int,
+    topic: str = "events",
+    group: str = "default",
+    timeout_s: float = 60.0,
+) -> None:
+    """Wait until the `shards` shards of processor `node` are members of the group."""
+
+    def joined() -> bool:
+        assert process.poll() is None, evp.log(log_name)
+        state = group_state(address, topic, group)
+        if state is None:
+            return False
+        ours = [member for member in state["members"] if member["id"].startswith(f"{node}/")]
+        return len(ours) == shards
+
+    wait_until(joined, timeout_s, message=f"the {shards} shards of {node} did not join")
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Read every line of a JSON-lines file (gzip when it ends in .gz) as an event."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        return [orjson.loads(line) for line in file if line.strip()]

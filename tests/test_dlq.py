@@ -189,11 +189,11 @@ def test_dead_letter_round_trip():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"deliveries": None}, "invalid dead letter field 'deliveries': expected int"),
-        ({"deliveries": True}, "invalid dead letter field 'deliveries'"),
-        ({"event": "text"}, "invalid dead letter field 'event': expected dict"),
-        ({"failed_at": "yesterday"}, "'yesterday' is not an ISO 8601 time"),
-        ({"offset": "12"}, "invalid dead letter field 'offset'"),
+        ({"deliveries": None}, "field 'deliveries' is None, expected an integer"),
+        ({"deliveries": True}, "field 'deliveries' is True"),
+        ({"event": "text"}, "field 'event' is 'text', expected a JSON object"),
+        ({"failed_at": "yesterday"}, "field 'failed_at' is 'yesterday', expected an ISO 8601 time"),
+        ({"offset": "12"}, "field 'offset' is '12'"),
     ],
 )
 def test_dead_letter_invalid_field(change, message):
@@ -208,5 +208,5 @@ def test_dead_letter_missing_fields():
     del value["group"]
     with pytest.raises(ValueError, match=r"missing field\(s\) error, group"):
         DeadLetter.from_event(value)
-    with pytest.raises(ValueError, match="must be a JSON object"):
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
         DeadLetter.from_event([1, 2])

@@ -6,7 +6,6 @@ that the assignment is stable while events flow and no key moves between shards.
 
 from __future__ import annotations
 
-import gzip
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -14,7 +13,15 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import GHARCHIVE, WIKITICKER, require_data, snapshot, wait_until
+from conftest import (
+    GHARCHIVE,
+    WIKITICKER,
+    read_events,
+    read_output,
+    require_data,
+    snapshot,
+    wait_until,
+)
 
 WIKITICKER_EVENTS = 39_244
 GHARCHIVE_EVENTS = 800
@@ -23,22 +30,6 @@ CATCH_UP_TIMEOUT_S = 120.0
 
 
 # Helpers.
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """Read every line of a JSON-lines file (gzip when it ends in .gz) as an event."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as file:
-        return [orjson.loads(line) for line in file if line.strip()]
-
-
-def read_output(directory: Path) -> list[dict[str, Any]]:
-    """Read the rows of every shard output file, each file in the order it was written."""
-    rows = []
-    for path in sorted(directory.glob("shard-*.jsonl")):
-        with path.open("rb") as file:
-            rows.extend(orjson.loads(line) for line in file)
-    return rows
 
 
 def canonical(event: Any) -> bytes:

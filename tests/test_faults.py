@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import psutil
 import pytest
-from conftest import snapshot, wait_until
+from conftest import snapshot, wait_for_node, wait_until
 
 from evp import protocol, records
 from evp.client import connect
@@ -77,16 +77,7 @@ def start_processor(
         *extra,
         log_name=f"process-{node}",
     )
-
-    def joined() -> bool:
-        assert process.poll() is None, evp.log(f"process-{node}")
-        group = group_snapshot(address)
-        if group is None:
-            return False
-        ours = [member for member in group["members"] if member["id"].startswith(f"{node}/")]
-        return len(ours) == shards
-
-    wait_until(joined, START_TIMEOUT_S, message=f"the {shards} shards of {node} did not join")
+    wait_for_node(evp, process, f"process-{node}", address, node, shards, timeout_s=START_TIMEOUT_S)
     return process
 
 
