@@ -42,11 +42,25 @@ def write_events(path: Path, count: int, prefix: str, users: int = 40) -> list[s
     return ids
 
 
-def publish_file(evp: Any, address: str, path: Path) -> None:
+# The publish rate of the fault tests that publish a file: several thousand events per
+# second, so that faults meet a queue that is busy writing.
+FAULT_RATE = "5000"
+
+
+def publish_file(evp: Any, address: str, path: Path, rate: str = "0") -> None:
     result = evp.run(
-        "publish", "--queue", address, "--file", str(path), "--key-field", "user", "--rate", "0"
+        "publish", "--queue", address, "--file", str(path), "--key-field", "user", "--rate", rate
     )
     assert result.returncode == 0, result.stderr.decode()
+
+
+def print_figures(test: str, **figures: int) -> None:
+    """Print one line of figures (events published, acknowledged, processed...).
+
+    `pytest -s` shows the line; docs/reliability.md quotes it.
+    """
+    fields = " ".join(f"{name}={value}" for name, value in figures.items())
+    print(f"\nfigures test={test} {fields}")
 
 
 def output_ids(*directories: Path) -> list[str]:
@@ -225,39 +239,145 @@ def last_record(segment: Path) -> tuple[int, int, bytes]:
     return start, size, body[RECORD_BODY.size + key_bytes :]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("cut", ["header", "body"])
-def test_torn_tail_recovered(evp, tmp_path, cut):
-    data_dir = tmp_path / "data"
-    ids = write_events(tmp_path / "input.jsonl", 200, "torn")
-    queue, address = evp.queue(data_dir, None, "--partitions", "4")
-    port = int(address.rsplit(":", 1)[1])
-    publish_file(evp, address, tmp_path / "input.jsonl")
-    assert stop(queue) == 0
+def record_starts(segment: Path) -> list[int]:
+    """Return the start byte of every record in a segment file."""
+    data = segment.read_bytes()
+    starts = []
+    position = 0
+    while position < len(data):
+        starts.append(position)
+        _, length = RECORD_PREFIX.unpack_from(data, position)
+        position += RECORD_PREFIX.size + length
+    assert position == len(data), f"{segment} does not end on a record boundary"
+    return starts
 
+
+def record_value(segment: Path, start: int) -> bytes:
+    data = segment.read_bytes()
+    _, length = RECORD_PREFIX.unpack_from(data, start)
+    body = data[start + RECORD_PREFIX.size : start + RECORD_PREFIX.size + length]
+    _, _, key_bytes = RECORD_BODY.unpack_from(body)
+    return body[RECORD_BODY.size + key_bytes :]
+
+
+def first_partition_segment(data_dir: Path, partitions: int) -> Path:
     partition_dirs = sorted((data_dir / "topics" / "events").glob("[0-9]" * 5))
-    assert len(partition_dirs) == 4
+    assert len(partition_dirs) == partitions
     segment = sorted(partition_dirs[0].glob("*.log"))[-1]
     assert re.fullmatch(r"\d{20}\.log", segment.name)
+    return segment
+
+
+TORN_EVENTS = 10_000
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cut", ["header", "body", "last_byte"])
+def test_torn_tail_recovered(evp, tmp_path, cut):
+    data_dir = tmp_path / "data"
+    ids = write_events(tmp_path / "input.jsonl", TORN_EVENTS, "torn")
+    queue, address = evp.queue(data_dir, None, "--partitions", "4")
+    port = int(address.rsplit(":", 1)[1])
+    publish_file(evp, address, tmp_path / "input.jsonl", FAULT_RATE)
+    assert stop(queue) == 0
+
+    segment = first_partition_segment(data_dir, 4)
     start, size, value = last_record(segment)
     torn_id = orjson.loads(value)["id"]
     # A record header is 26 bytes, so keeping 10 bytes tears the header and keeping half
     # of the record tears its body.
-    keep_bytes = 10 if cut == "header" else size // 2
+    keep_bytes = {"header": 10, "body": size // 2, "last_byte": size - 1}[cut]
     with segment.open("r+b") as file:
         file.truncate(start + keep_bytes)
 
-    _, address = evp.queue(data_dir, port, "--partitions", "4")
+    queue, _ = evp.queue(data_dir, port, "--partitions", "4")
     warnings = [line for line in evp.log("queue").splitlines() if "WARNING" in line]
-    assert any(str(segment) in line for line in warnings), warnings
+    assert any(str(segment) in line and f"at byte {start}" in line for line in warnings), warnings
+    assert "ERROR" not in evp.log("queue")
     stored = sum(topic["events"] for topic in snapshot(address)["topics"])
     assert stored == len(ids) - 1
+
+    # An event published after the repair survives a second restart.
+    after = write_events(tmp_path / "after.jsonl", 1, "after-repair")
+    publish_file(evp, address, tmp_path / "after.jsonl")
+    assert stop(queue) == 0
+    evp.queue(data_dir, port, "--partitions", "4")
+    stored = sum(topic["events"] for topic in snapshot(address)["topics"])
+    assert stored == len(ids)
 
     output = tmp_path / "out"
     start_processor(evp, address, output, 2, "torn")
     wait_for_lag_zero(address)
-    processed = set(output_ids(output))
-    assert processed == set(ids) - {torn_id}
+    processed = output_ids(output)
+    assert set(processed) == (set(ids) - {torn_id}) | set(after)
+    print_figures(
+        f"test_torn_tail_recovered[{cut}]",
+        published=len(ids) + 1,
+        acknowledged=len(ids) + 1,
+        dropped_torn=1,
+        processed=len(set(processed)),
+        lost=len(ids) + 1 - 1 - len(set(processed)),
+        duplicated=len(processed) - len(set(processed)),
+    )
+
+
+# A byte flipped in the middle of the active segment.
+
+
+@pytest.mark.timeout(180)
+def test_flipped_byte_blocks_partition(evp, tmp_path):
+    data_dir = tmp_path / "data"
+    ids = write_events(tmp_path / "input.jsonl", TORN_EVENTS, "flip")
+    queue, address = evp.queue(data_dir, None, "--partitions", "4")
+    port = int(address.rsplit(":", 1)[1])
+    publish_file(evp, address, tmp_path / "input.jsonl", FAULT_RATE)
+    assert stop(queue) == 0
+
+    segment = first_partition_segment(data_dir, 4)
+    starts = record_starts(segment)
+    bad_offset = len(starts) // 2
+    values = [orjson.loads(record_value(segment, start))["id"] for start in starts]
+    data = bytearray(segment.read_bytes())
+    data[starts[bad_offset] + 40] ^= 0x01  # a byte of the event's JSON
+    segment.write_bytes(bytes(data))
+
+    _, address = evp.queue(data_dir, port, "--partitions", "4")
+    log = evp.log("queue")
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert any(
+        str(segment) in line and f"(offset {bad_offset})" in line for line in errors
+    ), errors
+    assert "truncating" not in log
+    stored = sum(topic["events"] for topic in snapshot(address)["topics"])
+    assert stored == len(ids)
+
+    # The partition stops at the corrupt record: every other event is processed, and
+    # nothing at or after the bad offset of that partition is handed out.
+    blocked_ids = set(values[bad_offset:])
+    output = tmp_path / "out"
+    start_processor(evp, address, output, 2, "flip")
+
+    def stalled() -> dict[str, Any] | None:
+        group = group_snapshot(address)
+        done = group["acked"] == len(ids) - len(blocked_ids)
+        return group if done and group["stall"] else None
+
+    group = wait_until(stalled, CATCH_UP_TIMEOUT_S, message="the group did not stop at the damage")
+    assert group["lag"] == len(blocked_ids)
+    assert "blocked by a corrupt record" in group["stall"]
+    assert "[0]" in group["stall"]
+    processed = output_ids(output)
+    assert set(processed) == set(ids) - blocked_ids
+    log = evp.log("queue")
+    assert f"partition events/0 is blocked at offset {bad_offset}" in log
+    print_figures(
+        "test_flipped_byte_blocks_partition",
+        published=len(ids),
+        acknowledged=len(ids),
+        processed=len(set(processed)),
+        held_at_damage=len(blocked_ids),
+        duplicated=len(processed) - len(set(processed)),
+    )
 
 
 # Queue restarts while clients are connected.
