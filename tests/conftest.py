@@ -70,6 +70,20 @@ class Evp:
         self.processes.append(process)
         return process
 
+    def start_command(
+        self, command: list[str], log_name: str
+    ) -> subprocess.Popen[bytes] | None:
+        """Start a command that wraps an evp process; return None if it is not installed."""
+        log = open(self.workdir / f"{log_name}.log", "ab")  # noqa: SIM115
+        self._logs.append(log)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        except FileNotFoundError:
+            return None
+        self.processes.append(process)
+        return process
+
     def queue(
         self, data_dir: Path | None = None, port: int | None = None, *extra: str
     ) -> tuple[subprocess.Popen[bytes], str]:
@@ -130,3 +144,27 @@ def wait_until(predicate: Any, timeout_s: float = 60.0, interval_s: float = 0.2,
         if time.monotonic() > deadline:
             raise TimeoutError(message or f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
+
+
+async def consume(address: str, topic: str, count: int, timeout_s: float = 20.0) -> list[Any]:
+    """Read `count` records of `topic` through a consumer group and return what arrived."""
+    from evp.client import Consumer
+
+    received: list[Any] = []
+    done = asyncio.Event()
+
+    async def process(partition: int, batch: list[Any]) -> None:
+        received.extend(batch)
+        if len(received) >= count:
+            done.set()
+
+    consumer = Consumer(address, topic=topic, group="check", member="check-0", process=process)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout_s)
+    except TimeoutError:
+        pass
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+    return received
