@@ -562,8 +562,11 @@ class Consumer:
                 continue
             if batch:
                 pending_acks[frame.partition] = batch[-1].offset + 1
-            if len(pending_acks) >= 8:
-                self._flush_acks(pending_acks)
+            # Acknowledge each frame before the next one runs. A handler that awaits
+            # lets other code run, and code that then blocks the event loop for
+            # seconds would otherwise hold back the acknowledgement of finished
+            # events, so the queue would deliver them again after a session timeout.
+            self._flush_acks(pending_acks)
 
     def superseded(self) -> bool:
         """Return True when the batch being processed came on a connection now closed."""

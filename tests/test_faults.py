@@ -618,3 +618,119 @@ def test_two_processors_share_partitions(evp, tmp_path):
     wait_for_lag_zero(address)
     assert set(first_ids) - set(output_ids(out_a, out_b)) == set()
     assert set(second_ids) - set(output_ids(out_a)) == set()
+
+
+# A shard killed with 500 events in flight, replaced under the same member id.
+
+IN_FLIGHT = 500
+
+
+def write_gated_events(path: Path, count: int, prefix: str, gate: Path) -> list[str]:
+    """Write events that the `gated` handler holds while `gate` exists; return their ids."""
+    ids = [f"{prefix}-{number:05d}" for number in range(count)]
+    with path.open("wb") as file:
+        for number, event_id in enumerate(ids):
+            event = {"id": event_id, "user": f"user-{number % 40}", "gate": str(gate)}
+            file.write(orjson.dumps(event) + b"\n")
+    return ids
+
+
+def member_of(address: str, member_id: str) -> dict[str, Any] | None:
+    group = group_snapshot(address)
+    if group is None:
+        return None
+    return next((member for member in group["members"] if member["id"] == member_id), None)
+
+
+@pytest.mark.timeout(180)
+def test_killed_shard_in_flight_redelivered(evp, tmp_path):
+    gate = tmp_path / "gate"
+    gate.touch()
+    ids = write_gated_events(tmp_path / "input.jsonl", 2000, "held", gate)
+    _, address = evp.queue(tmp_path / "data", None, "--partitions", "8")
+    # Published first, so the shard's first dispatch fills its whole window: a shard
+    # with events in flight gets more only when it acknowledges some.
+    publish_file(evp, address, tmp_path / "input.jsonl", FAULT_RATE)
+    output = tmp_path / "out"
+    processor = start_processor(
+        evp, address, output, 1, "held",
+        "--handler", f"{HANDLERS}:gated", "--max-in-flight", str(IN_FLIGHT),
+    )
+
+    def full() -> dict[str, Any] | None:
+        member = member_of(address, "held/shard-0")
+        return member if member is not None and member["in_flight"] == IN_FLIGHT else None
+
+    wait_until(full, 30, message=f"the shard did not reach {IN_FLIGHT} events in flight")
+    old_pid = shard_pids(evp.log("process-held"))[0][-1]
+    os.kill(old_pid, signal.SIGKILL)
+
+    def replaced() -> dict[str, Any] | None:
+        pids = shard_pids(evp.log("process-held")).get(0, [])
+        member = member_of(address, "held/shard-0")
+        if len(pids) == 2 and member is not None and member["pid"] == pids[-1]:
+            return member
+        return None
+
+    # The new shard of the same id starts from zero: it is sent a full window again
+    # rather than stalling at the old connection's count.
+    wait_until(replaced, 30, message="shard-0 was not replaced under its member id")
+    member = wait_until(full, 30, message="the replaced shard was not sent a full window")
+    assert member["in_flight"] == IN_FLIGHT
+    gate.unlink()
+
+    group = wait_for_lag_zero(address)
+    processed = output_ids(output)
+    assert set(processed) == set(ids)
+    assert group["redelivered"] >= IN_FLIGHT
+    assert member_of(address, "held/shard-0")["in_flight"] == 0
+    assert processor.poll() is None
+    print_figures(
+        "test_killed_shard_in_flight_redelivered",
+        published=len(ids),
+        acknowledged=len(ids),
+        in_flight_at_kill=IN_FLIGHT,
+        redelivered=group["redelivered"],
+        processed=len(set(processed)),
+        lost=len(set(ids) - set(processed)),
+        duplicated=len(processed) - len(set(processed)),
+    )
+
+
+# A handler that blocks the event loop after its event is finished.
+
+
+@pytest.mark.timeout(120)
+def test_loop_block_after_ack(evp, tmp_path):
+    count = 4000
+    blocked_id = f"block-{count // 2:05d}"
+    path = tmp_path / "input.jsonl"
+    with path.open("wb") as file:
+        for number in range(count):
+            event = {"id": f"block-{number:05d}", "user": f"user-{number % 40}"}
+            if number == count // 2:
+                event["block"] = True
+            file.write(orjson.dumps(event) + b"\n")
+    # A session timeout shorter than the 3 s block: if the finished event's
+    # acknowledgement waited for the loop, the queue would declare the shard dead
+    # first and deliver the event again.
+    _, address = evp.queue(tmp_path / "data", None, "--partitions", "8", "--session-timeout-ms", "2000")
+    output = tmp_path / "out"
+    start_processor(evp, address, output, 1, "blocky", "--handler", f"{HANDLERS}:block_loop_after")
+    publish_file(evp, address, path, FAULT_RATE)
+    wait_until(
+        lambda: blocked_id in output_ids(output), 60, message="the marked event was not processed"
+    )
+    group = wait_for_lag_zero(address)
+    processed = output_ids(output)
+    assert processed.count(blocked_id) == 1
+    assert set(processed) == {f"block-{number:05d}" for number in range(count)}
+    print_figures(
+        "test_loop_block_after_ack",
+        published=count,
+        acknowledged=count,
+        processed=len(set(processed)),
+        redelivered=group["redelivered"],
+        marked_event_processed=processed.count(blocked_id),
+        duplicated=len(processed) - len(set(processed)),
+    )
