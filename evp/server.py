@@ -98,6 +98,35 @@ class InvalidEvent(Exception):
     """An event in a PUBLISH batch that the queue will not store."""
 
 
+class StorageErrorLog:
+    """Log failed appends at most once per interval, with the count of those not logged.
+
+    A full disk fails every batch of every publisher, hundreds per second.
+    """
+
+    interval_s = 5.0
+
+    def __init__(self) -> None:
+        self._last_logged = -self.interval_s
+        self._not_logged = 0
+
+    def report(self, topic: str, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_logged < self.interval_s:
+            self._not_logged += 1
+            return
+        logger.error(
+            "appending to topic=%s failed: %s; the batch was not acknowledged "
+            "(%d more failed appends not logged in the last %.0f s)",
+            topic,
+            exc,
+            self._not_logged,
+            self.interval_s,
+        )
+        self._last_logged = now
+        self._not_logged = 0
+
+
 class QueueServer:
     def __init__(self, config: QueueConfig) -> None:
         if config.fsync not in FSYNC_POLICIES:
@@ -109,6 +138,7 @@ class QueueServer:
         self.groups: dict[tuple[str, str], Group] = {}
         self.connections: set[ServerConnection] = set()
         self.connections_rejected = 0
+        self.storage_errors = StorageErrorLog()
         self.started_at = time.time()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -728,7 +758,7 @@ class ServerConnection(asyncio.Protocol):
             self.send_error("invalid_event", str(exc), seq=frame.seq, fatal=False)
             return
         except OSError as exc:
-            logger.error("appending to topic=%s failed: %s", frame.topic, exc)
+            server.storage_errors.report(frame.topic, exc)
             self.send_error(
                 "storage_error",
                 f"the queue could not write the batch: {os.strerror(exc.errno or 0)}; "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,3 +170,43 @@ async def consume(address: str, topic: str, count: int, timeout_s: float = 20.0)
         consumer.stop()
         await asyncio.wait_for(task, 10)
     return received
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str) -> Iterator[Path]:
+    """Mount a tmpfs of `size` (e.g. "256k") on a new directory under /tmp.
+
+    Skips the calling test when not root or when the mount is refused, and unmounts
+    when the block ends. Stop every process using the mount before that.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = Path(tempfile.mkdtemp(prefix="evp-test-tmpfs-", dir="/tmp"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        mount_point.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+        mount_point.rmdir()
+
+
+@contextlib.contextmanager
+def background_publish(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `evp publish *args` with its stderr piped; kill it if the block leaves it running."""
+    publisher = subprocess.Popen(
+        [*evp_command("publish"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield publisher
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+            publisher.wait()

@@ -94,8 +94,13 @@ async def block_loop_after(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def hold_marked(event: dict[str, Any]) -> dict[str, Any]:
-    """Pass events, but wait without end on events marked "hold", keeping them in flight."""
+    """Pass events, but wait without end on events with a "hold" field.
+
+    The field names a file, which the handler creates when it starts waiting, so a
+    test knows that the shard holds an event it will not finish.
+    """
     if event.get("hold"):
+        Path(event["hold"]).touch()
         await asyncio.sleep(BLOCKING_DELAY_S)
     return event
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import psutil
 import pytest
-from conftest import evp_command, snapshot, wait_until
+from conftest import background_publish, snapshot, wait_until
 
 from evp import protocol
 from evp.client import connect
@@ -422,18 +422,12 @@ def test_publish_survives_queue_restart(evp, tmp_path):
     data_dir = tmp_path / "data"
     queue, address = evp.queue(data_dir)
     port = int(address.rsplit(":", 1)[1])
-    publisher = subprocess.Popen(
-        [
-            *evp_command("publish"),
-            "--queue", address,
-            "--file", str(tmp_path / "input.jsonl"),
-            "--key-field", "user",
-            "--rate", "5000",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with background_publish(
+        "--queue", address,
+        "--file", str(tmp_path / "input.jsonl"),
+        "--key-field", "user",
+        "--rate", "5000",
+    ) as publisher:
         def some_stored() -> bool:
             return sum(topic["events"] for topic in snapshot(address)["topics"]) > count // 10
 
@@ -444,10 +438,6 @@ def test_publish_survives_queue_restart(evp, tmp_path):
         time.sleep(0.5)
         evp.queue(data_dir, port)
         _, stderr_bytes = publisher.communicate(timeout=90)
-    finally:
-        if publisher.poll() is None:
-            publisher.kill()
-            publisher.wait()
     stderr = stderr_bytes.decode()
     assert publisher.returncode == 0, stderr
     assert f"acknowledged={count} " in stderr
@@ -733,4 +723,85 @@ def test_loop_block_after_ack(evp, tmp_path):
         redelivered=group["redelivered"],
         marked_event_processed=processed.count(blocked_id),
         duplicated=len(processed) - len(set(processed)),
+    )
+
+
+# One of two processors stopped with SIGTERM while it holds unprocessed events.
+
+
+def output_rows(*directories: Path) -> list[dict[str, Any]]:
+    rows = []
+    for directory in directories:
+        for path in sorted(directory.glob("shard-*.jsonl")):
+            with path.open("rb") as file:
+                rows.extend(orjson.loads(line) for line in file)
+    return rows
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_moves_partitions_intact(evp, tmp_path):
+    partitions = 8
+    count = 10_000
+    path = tmp_path / "input.jsonl"
+    holding = tmp_path / "holding"
+    with path.open("wb") as file:
+        for number in range(count):
+            event = {"id": f"moved-{number:05d}", "user": f"user-{number % 64}"}
+            if number % 97 == 50:
+                event["hold"] = str(holding)
+            file.write(orjson.dumps(event) + b"\n")
+    _, address = evp.queue(tmp_path / "data", None, "--partitions", str(partitions))
+    out_held = tmp_path / "out-held"
+    out_free = tmp_path / "out-free"
+    # The first processor waits without end on events marked "hold", so it stops
+    # with events fetched but unprocessed; its drain times out after 2 s.
+    held = start_processor(
+        evp, address, out_held, 2, "held",
+        "--handler", f"{HANDLERS}:hold_marked", "--drain-timeout", "2",
+    )
+    start_processor(evp, address, out_free, 2, "free")
+    with background_publish(
+        "--queue", address,
+        "--file", str(path),
+        "--key-field", "user",
+        "--rate", FAULT_RATE,
+    ) as publisher:
+        wait_until(
+            holding.exists, 30, interval_s=0.05, message="the held processor held no event"
+        )
+        held_partitions = sorted(partitions_by_node(group_snapshot(address))["held"])
+        assert held_partitions
+        assert publisher.poll() is None, "the publisher ended before the SIGTERM"
+        held.send_signal(signal.SIGTERM)
+        assert held.wait(timeout=30) == 0
+        _, stderr_bytes = publisher.communicate(timeout=90)
+    assert publisher.returncode == 0, stderr_bytes.decode()
+    assert f"acknowledged={count} " in stderr_bytes.decode()
+    assert "did not drain" in evp.log("process-held")
+
+    group = wait_for_lag_zero(address)
+    stored = {topic["name"]: topic for topic in snapshot(address)["topics"]}["events"]
+    assert stored["events"] == count
+    # Nothing skipped: every offset of every partition reached some shard's output,
+    # including the moved partitions from their oldest unacknowledged event on.
+    rows = output_rows(out_held, out_free)
+    seen: dict[int, set[int]] = {}
+    for row in rows:
+        seen.setdefault(row["partition"], set()).add(row["offset"])
+    assert sum(len(offsets) for offsets in seen.values()) == count
+    for partition, offsets in seen.items():
+        assert offsets == set(range(len(offsets))), f"partition {partition} has a gap"
+    # The moved partitions continued on the other processor.
+    free_partitions = {row["partition"] for row in output_rows(out_free)}
+    assert set(held_partitions) <= free_partitions
+    ids = [row["event"]["id"] for row in rows]
+    print_figures(
+        "test_sigterm_moves_partitions_intact",
+        published=count,
+        acknowledged=count,
+        moved_partitions=len(held_partitions),
+        redelivered=group["redelivered"],
+        processed=len(set(ids)),
+        lost=count - len(set(ids)),
+        duplicated=len(ids) - len(set(ids)),
     )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import mounted_tmpfs
 
 from evp import log as log_module
 from evp import records
@@ -630,21 +629,8 @@ def test_sync_thread_stress(tmp_path: Path) -> None:
 @pytest.fixture
 def small_tmpfs() -> Iterator[Path]:
     """A 256 KiB tmpfs mounted on a new directory under /tmp; skips without mount rights."""
-    mount_point = Path(tempfile.mkdtemp(prefix="evp-test-tmpfs-", dir="/tmp"))
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        mount_point.rmdir()
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs("256k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
-        mount_point.rmdir()
 
 
 def test_append_enospc_tmpfs(small_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:

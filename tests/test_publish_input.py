@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import consume, evp_command, snapshot, wait_until
+from conftest import background_publish, consume, snapshot, wait_until
 
 from evp import events
 
@@ -115,19 +114,13 @@ def test_read_lines_exact_limit(tmp_path: Path):
 @pytest.mark.timeout(60)
 def test_publish_ctrl_c_prints_summary(evp):
     _, address = evp.queue()
-    publisher = subprocess.Popen(
-        [*evp_command("publish"), "--queue", address, "--rate", "2000"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with background_publish(
+        "--queue", address,
+        "--rate", "2000",
+    ) as publisher:
         wait_until(lambda: stored(address, "events") > 500, timeout_s=30)
         publisher.send_signal(signal.SIGINT)
         _, stderr_bytes = publisher.communicate(timeout=30)
-    finally:
-        if publisher.poll() is None:
-            publisher.kill()
-            publisher.wait()
     stderr = stderr_bytes.decode()
     assert publisher.returncode == 130, stderr
     assert "Traceback" not in stderr
