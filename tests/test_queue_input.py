@@ -640,3 +640,38 @@ def test_loopback_default_no_warning(evp):
     log = evp.log("queue")
     assert f"queue listening on 127.0.0.1:{address.rsplit(':', 1)[1]}" in log
     assert "without a token" not in log
+
+
+# An event of 20 MiB.
+
+BIG_EVENT = b'{"pad":"' + b"x" * (20 * 1024 * 1024) + b'"}'
+
+
+def test_big_event_over_frame_limit(evp):
+    process, address = evp.queue()
+    with RawConnection(address, timeout_s=30) as connection:
+        connection.handshake()
+        try:
+            connection.send_frame(protocol.Publish(1, "big", [(b"k", BIG_EVENT, 0)]))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the queue may close before it has read the whole frame
+        error = only_error(connection.read_until_closed())
+    assert error.code == "frame_too_large"
+    assert f"exceeds the limit of {protocol.DEFAULT_MAX_FRAME_BYTES} bytes" in error.message
+    assert_queue_serves(process, address, {})
+
+
+def test_big_event_then_normal_event(evp):
+    process, address = evp.queue(None, None, "--max-frame-bytes", str(32 * 1024 * 1024))
+    with RawConnection(address, timeout_s=30) as connection:
+        connection.handshake()
+        connection.send_frame(protocol.Publish(1, "big", [(b"k", BIG_EVENT, 0)]))
+        error = connection.read_frame()
+        assert isinstance(error, protocol.Error), f"expected an ERROR frame, got {error!r}"
+        assert error.code == "invalid_event"
+        assert error.fatal is False
+        assert f"is {len(BIG_EVENT)} bytes, over the limit of 1048576 bytes" in error.message
+        assert "--max-event-bytes" in error.message
+        connection.send_frame(protocol.Publish(2, "big", [(b"k", VALID_EVENT, 0)]))
+        assert connection.read_frame() == protocol.Published(2, 1)
+    assert_queue_serves(process, address, {"big": 1})
