@@ -453,6 +453,8 @@ class Consumer:
         self._left = asyncio.Event()
         self._stopped = False
         self.fatal_error: ServerError | None = None
+        # Next offset to acknowledge per partition, sent by _flush_acks.
+        self._pending_acks: dict[int, int] = {}
 
     def _on_frame(self, frame: protocol.Frame) -> None:
         if isinstance(frame, protocol.Deliver):
@@ -535,7 +537,7 @@ class Consumer:
                 connection.send(protocol.encode(self.report()))
 
     async def _work(self) -> None:
-        pending_acks: dict[int, int] = {}
+        pending_acks = self._pending_acks
         while True:
             if not self._frames:
                 self._flush_acks(pending_acks)
@@ -573,6 +575,19 @@ class Consumer:
         return self._processing_epoch != self._epoch or (
             self._connection is not None and self._connection.is_closed
         )
+
+    def ack_progress(self, partition: int, next_offset: int) -> None:
+        """Acknowledge now the events of `partition` below `next_offset`, mid-batch.
+
+        For `process` to call before it lets other code run, e.g. before awaiting a
+        handler, so that code which then blocks the event loop cannot hold back the
+        acknowledgement of events already finished. Ignored when the batch came on a
+        connection that is gone, because the queue sends those events again.
+        """
+        if self.superseded():
+            return
+        self._pending_acks[partition] = next_offset
+        self._flush_acks(self._pending_acks)
 
     def _flush_acks(self, pending: dict[int, int]) -> None:
         if pending and self._connection is not None:

@@ -181,7 +181,13 @@ class Shard:
         last_yield = time.monotonic()
         for index, record in enumerate(batch):
             now = time.monotonic()
-            if now - last_yield > YIELD_INTERVAL_S:
+            yielding = now - last_yield > YIELD_INTERVAL_S
+            if index and (yielding or self.is_async):
+                # Other code runs while this shard awaits, and if it blocks the event
+                # loop, an acknowledgement still waiting here would be held back.
+                self._acknowledge_finished(partition, batch[index - 1], lines)
+                lines = []
+            if yielding:
                 # A slow sync handler would otherwise hold the event loop for the whole
                 # batch, so no heartbeat goes out and the queue declares the shard dead.
                 await asyncio.sleep(0)
@@ -216,6 +222,14 @@ class Shard:
         # timestamp, so across machines the figure includes their clock offset.
         now_us = time.time_ns() // 1000
         self.latency.record_many([now_us - record.timestamp_us for record in batch])
+
+    def _acknowledge_finished(
+        self, partition: int, last: records.Record, lines: list[bytes]
+    ) -> None:
+        """Write the output of a batch's finished events and acknowledge them."""
+        if self.output is not None and lines:
+            self.output.write(b"".join(lines))
+        self.consumer.ack_progress(partition, last.offset + 1)
 
     def _flush_output(self) -> None:
         # Flushed before the acknowledgement goes out, so an acknowledged event is in
