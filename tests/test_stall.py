@@ -1,4 +1,4 @@
-"""A shard stopped with SIGSTOP while publishers run at 10,000 events/s for 60 s.
+"""A shard stopped with SIGSTOP while a publisher runs at 10,000 events/s for 60 s.
 
 The slowest test of the suite: it publishes for a full minute on purpose, because a
 memory bound only shows over time.
@@ -24,9 +24,8 @@ from test_faults import (
 RATE = "10000"
 DURATION_S = "60"
 # A generous bound on the queue's memory growth while one shard is stopped. The
-# queue keeps a bounded tail per partition, caps each connection's send buffer at
-# 4 MiB and stops reading from a peer that does not read, so growth should stay far
-# below this; without those caps it would grow with the backlog.
+# queue keeps a bounded tail per partition and caps each connection's send buffer at
+# 4 MiB. So the growth stays far below this bound, whatever the backlog.
 MAX_RSS_GROWTH_MB = 100
 
 
