@@ -133,11 +133,13 @@ async def publish(
     config: PublishConfig,
     on_invalid_line: Callable[[str], None] | None = None,
     on_progress: Callable[[PublishProgress], None] | None = None,
+    handle_signals: bool = False,
 ) -> PublishReport:
     """Publish until the source, --count or --duration ends, then wait for acknowledgements.
 
     `on_progress`, when given, is called every PROGRESS_INTERVAL_S from the event loop
-    and once more at the end.
+    and once more at the end. With `handle_signals`, SIGINT and SIGTERM end the publish
+    early and set `interrupted` in the report, which is still returned.
     """
     report = PublishReport()
 
@@ -198,7 +200,8 @@ async def publish(
         interrupted.set()
         logger.warning("interrupted; waiting up to %.0f s for acknowledgements", INTERRUPTED_ACK_WAIT_S)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    for signum in signals:
         loop.add_signal_handler(signum, on_interrupt)
     try:
         exhausted = False
@@ -259,7 +262,7 @@ async def publish(
         if not await _wait_or_interrupted(producer.flush(wait_s), stop_waiting):
             logger.error("%d events were not acknowledged within %.0f s", producer.unacked, wait_s)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signals:
             loop.remove_signal_handler(signum)
         if progress_task is not None:
             progress_task.cancel()
@@ -298,4 +301,4 @@ def run(
 ) -> PublishReport:
     import uvloop
 
-    return uvloop.run(publish(config, on_invalid_line, on_progress))
+    return uvloop.run(publish(config, on_invalid_line, on_progress, handle_signals=True))
