@@ -331,9 +331,13 @@ class QueueServer:
         while True:
             await asyncio.sleep(min(1.0, timeout_s / 4))
             now = time.monotonic()
-            for connection in list(self.connections):
-                if connection.decoder.buffered_bytes and now - connection.last_data_at > timeout_s:
-                    connection.close_partial_frame(now - connection.last_data_at)
+            try:
+                for connection in list(self.connections):
+                    silent_s = now - connection.last_data_at
+                    if connection.decoder.buffered_bytes and silent_s > timeout_s:
+                        connection.close_partial_frame(silent_s)
+            except Exception:  # the task must outlive any failure
+                logger.exception("closing connections with unfinished frames failed")
 
     def _reap_silent(self, timeout_s: float) -> None:
         now = time.monotonic()
