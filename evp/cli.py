@@ -129,6 +129,8 @@ def queue(
     max_in_flight: Annotated[int, typer.Option(envvar="EVP_MAX_IN_FLIGHT", min=1, help="Upper bound on unacknowledged events per shard, in events.")] = 10000,
     session_timeout_ms: Annotated[int, typer.Option(envvar="EVP_SESSION_TIMEOUT_MS", min=100, help="A shard silent this long is declared dead, in milliseconds.")] = 10000,
     handshake_timeout: Annotated[float, typer.Option(envvar="EVP_HANDSHAKE_TIMEOUT", min=0.1, help="A connection that sends no HELLO within this many seconds is closed.")] = 10.0,
+    frame_timeout: Annotated[float, typer.Option(envvar="EVP_FRAME_TIMEOUT", min=0.1, help="A connection that leaves a frame unfinished and sends nothing more for this many seconds is closed.")] = 30.0,
+    max_connections: Annotated[int, typer.Option(envvar="EVP_MAX_CONNECTIONS", min=1, help="Client connections served at once; more are rejected with an error.")] = 1000,
     segment_bytes: Annotated[int, typer.Option(envvar="EVP_SEGMENT_BYTES", min=4096, help="Size at which a partition starts a new log segment, in bytes.")] = 64 * 1024 * 1024,
     retention_hours: Annotated[float | None, typer.Option(envvar="EVP_RETENTION_HOURS", min=0, help="Default retention of topics, in hours: older segments are deleted once every group has processed them.", show_default=False)] = None,
     retention_bytes: Annotated[int | None, typer.Option(envvar="EVP_RETENTION_BYTES", min=0, help="Default size limit per partition, in bytes: older segments beyond it are deleted once every group has processed them.", show_default=False)] = None,
@@ -162,6 +164,8 @@ def queue(
         max_in_flight=max_in_flight,
         session_timeout_ms=session_timeout_ms,
         handshake_timeout_s=handshake_timeout,
+        max_connections=max_connections,
+        frame_timeout_s=frame_timeout,
         segment_bytes=segment_bytes,
         metrics_port=metrics_port,
         retention_hours=retention_hours,
@@ -339,6 +343,13 @@ def publish(
             f"elapsed_s={report.elapsed_s:.2f} rate_per_s={rate_done:.0f}",
             err=True,
         )
+    if report.interrupted:
+        typer.echo(
+            f"interrupted: {report.acked} events acknowledged, {report.unacked} not "
+            f"acknowledged",
+            err=True,
+        )
+        raise typer.Exit(130)
     if report.input_error is not None:
         _fail(f"{report.input_error}; the {report.acked} events before it were acknowledged", code=1)
     if not report.ok:

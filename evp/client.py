@@ -567,6 +567,8 @@ class Consumer:
         self._left = asyncio.Event()
         self._stopped = False
         self.fatal_error: ServerError | None = None
+        # Next offset to acknowledge per partition, sent by _flush_acks.
+        self._pending_acks: dict[int, int] = {}
 
     def _on_frame(self, frame: protocol.Frame) -> None:
         if isinstance(frame, protocol.Deliver):
@@ -700,8 +702,11 @@ class Consumer:
                 pending_acks[frame.partition] = position
             elif batch:
                 pending_acks[frame.partition] = batch[-1].offset + 1
-            if len(pending_acks) >= 8:
-                self._flush_acks(pending_acks)
+            # Acknowledge each frame before the next one runs. A handler that awaits
+            # lets other code run, and code that then blocks the event loop for
+            # seconds would otherwise hold back the acknowledgement of finished
+            # events, so the queue would deliver them again after a session timeout.
+            self._flush_acks(pending_acks)
 
     def _unfinished(self) -> bool:
         return self.has_unfinished is not None and self.has_unfinished()
@@ -711,6 +716,19 @@ class Consumer:
         return self._processing_epoch != self._epoch or (
             self._connection is not None and self._connection.is_closed
         )
+
+    def ack_progress(self, partition: int, next_offset: int) -> None:
+        """Acknowledge now the events of `partition` below `next_offset`, mid-batch.
+
+        For `process` to call before it lets other code run, e.g. before awaiting a
+        handler, so that code which then blocks the event loop cannot hold back the
+        acknowledgement of events already finished. Ignored when the batch came on a
+        connection that is gone, because the queue sends those events again.
+        """
+        if self.superseded():
+            return
+        self._pending_acks[partition] = next_offset
+        self._flush_acks(self._pending_acks)
 
     def _flush_acks(self, pending: dict[int, int]) -> None:
         if pending and self._connection is not None:

@@ -230,16 +230,37 @@ def open_source(path: str) -> IO[bytes]:
     return open(file_path, "rb")  # noqa: SIM115
 
 
-def read_lines(source: IO[bytes], name: str = "input") -> Iterator[tuple[int, bytes]]:
+# Bytes read at a time while skipping the rest of an over-long line.
+SKIP_CHUNK_BYTES = 64 * 1024
+
+
+def read_lines(
+    source: IO[bytes], name: str = "input", max_line_bytes: int | None = None
+) -> Iterator[tuple[int, bytes | None]]:
     """Yield (line number, line) for each non-blank line, CRLF or LF terminated.
 
+    A line longer than `max_line_bytes` (line ending excluded) is yielded as None and
+    is never held in memory whole: the rest of it is read and dropped in chunks.
     Raises InputError when the source cannot be read, e.g. a .gz file that is not
     gzip or is truncated.
     """
     number = 0
+    # Room for the line ending, so a line of exactly max_line_bytes is accepted.
+    read_limit = -1 if max_line_bytes is None else max_line_bytes + 2
     try:
-        for number, raw in enumerate(source, start=1):  # noqa: B007 - used after the loop
+        while True:
+            raw = source.readline(read_limit)
+            if not raw:
+                return
+            number += 1
             line = raw.rstrip(b"\r\n")
+            if max_line_bytes is not None and len(line) > max_line_bytes:
+                while not raw.endswith(b"\n"):
+                    raw = source.readline(SKIP_CHUNK_BYTES)
+                    if not raw:
+                        break
+                yield number, None
+                continue
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]  # a UTF-8 byte order mark is not part of the JSON
             if line.strip():

@@ -393,11 +393,13 @@ class Group:
                     # segment; nothing corrupt is handed out and nothing is skipped.
                     cursor.blocked = True
                     logger.error(
-                        "partition %s/%d is blocked at offset %d: %s",
+                        "partition %s/%d is blocked at offset %d: %s; group=%s delivers "
+                        "nothing more from it until the segment is repaired",
                         self.topic.name,
                         partition,
                         cursor.delivered,
                         exc,
+                        self.name,
                     )
                     continue
                 frames.append(encode_deliver(partition, count, data))

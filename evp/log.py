@@ -22,10 +22,19 @@ at open, so restart time does not grow with the backlog. Its record count is the
 difference between its base offset and the next segment's. The active segment is
 scanned in full with checksums verified. Scanning stops at the first record that is
 torn (the file ends inside it), fails its checksum or contains an offset that does
-not continue the sequence. The file is truncated there and a WARNING names the file, the
-byte position and the number of bytes dropped. A process crash mid-write can only leave
-a torn record at the end of the active segment, which is why only that segment is
-checked. Damage inside a sealed segment is found when it is read, and ``read`` raises
+not continue the sequence. The rest of the file is then searched for a valid record
+with a later offset:
+
+* none follows: the damage is a torn tail, as a crash mid-write leaves. The file is
+  truncated there and a WARNING names the file, the byte position and the number of
+  bytes dropped.
+* valid records follow: the damage is corruption in the middle of the segment, and
+  the records after it were acknowledged, so nothing is truncated. An ERROR names the
+  file, the byte position and the unreadable offsets, and scanning resumes at the
+  valid record. Reads of the damaged offsets raise CorruptLog.
+
+A process crash mid-write can only leave a torn record at the end of the active
+segment, which is why only that segment is checked. Damage inside a sealed segment is found when it is read, and ``read`` raises
 CorruptLog. That includes records missing after a power loss from a sealed segment
 written since the last sync, because the next segment's name still promises them.
 Files whose names are not segment names are ignored and logged once.
@@ -71,6 +80,7 @@ import errno
 import logging
 import os
 import re
+import struct
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
@@ -287,14 +297,16 @@ def _scan_segment(
     verify: bool,
     index: _SparseIndex,
     producers: OrderedDict[int, int] | None = None,
+    start: int = 0,
 ) -> _ScanResult:
-    """Scan a segment from its start in SCAN_BLOCK_BYTES blocks, filling `index`.
+    """Scan a segment from byte `start` in SCAN_BLOCK_BYTES blocks, filling `index`.
 
-    Stops at the first record that is torn, invalid (checksums only when `verify` is
-    set) or contains an offset other than the next one expected. The producer and
-    sequence of each valid record go into `producers` when it is given.
+    `base_offset` is the offset of the record at `start`. Stops at the first record
+    that is torn, invalid (checksums only when `verify` is set) or contains an offset
+    other than the next one expected. The producer and sequence of each valid record go
+    into `producers` when it is given.
     """
-    position = 0
+    position = start
     offset = base_offset
     needed_bytes = 0  # set when one record is longer than the block read
     pairs: list[tuple[int, int]] | None = [] if producers is not None else None
@@ -347,6 +359,43 @@ def _scan_segment(
             )
         needed_bytes = record_bytes
     return _ScanResult(position, offset, None)
+
+
+def _find_next_record(
+    fd: int, start: int, size_bytes: int, expected_offset: int
+) -> tuple[int, int] | None:
+    """Find the first valid record after damaged bytes, searching from byte `start`.
+
+    A record qualifies when its checksum matches and its offset lies after
+    `expected_offset`, the offset of the damaged record. Returns its (position,
+    offset), or None when no valid record follows, which makes the damage a torn tail.
+    Candidates are found by the high bytes of their offset field, so the search runs
+    at the speed of ``bytes.find`` and verifies about one checksum per record.
+    """
+    # NOTE: this reads the rest of the segment into memory at once, so it costs up to
+    # --segment-bytes (plus one batch) of memory, only while recovering a damaged log.
+    data = _pread(fd, size_bytes - start, start)
+    view = memoryview(data)
+    # Each record takes at least HEADER_BYTES, which bounds the offsets that can follow.
+    max_offset = expected_offset + len(data) // records.HEADER_BYTES + 1
+    prefixes = {
+        struct.pack(">Q", expected_offset + 1)[:5],
+        struct.pack(">Q", max_offset)[:5],
+    }
+    for prefix in sorted(prefixes):
+        found = data.find(prefix, records.PREFIX.size)
+        while found != -1 and found + 8 <= len(data):
+            record_start = found - records.PREFIX.size
+            (offset,) = struct.unpack_from(">Q", data, found)
+            if expected_offset < offset <= max_offset:
+                _, body_bytes = records.PREFIX.unpack_from(data, record_start)
+                record_end = record_start + records.PREFIX.size + body_bytes
+                if body_bytes >= records.BODY_HEADER_BYTES and record_end <= len(data):
+                    offsets, _, _ = records.scan(view[record_start:record_end], verify=True)
+                    if offsets:
+                        return start + record_start, offset
+            found = data.find(prefix, found + 1)
+    return None
 
 
 class PartitionLog:
@@ -498,13 +547,46 @@ class PartitionLog:
             logger.warning("log %s: could not write %s: %s", self.name, path, exc)
 
     def _recover_active(self, base_offset: int) -> None:
-        """Scan the last segment, truncate it after its last valid record, open it."""
+        """Scan the last segment, truncate a torn tail after its last valid record, open it.
+
+        Damage followed by valid records is not a torn tail: a crash only tears the end
+        of the file, so those records were acknowledged and are kept. The damaged
+        records stay in the file, unreadable, and a read that reaches them raises
+        CorruptLog. Only bytes after the last valid record are truncated.
+        """
         path = _segment_path(self.directory, base_offset)
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
         try:
             size_bytes = os.fstat(fd).st_size
             index = _SparseIndex()
             result = _scan_segment(fd, size_bytes, base_offset, True, index, self.producers)
+            while result.valid_bytes < size_bytes:
+                found = _find_next_record(fd, result.valid_bytes + 1, size_bytes, result.next_offset)
+                if found is None:
+                    break
+                resume_position, resume_offset = found
+                logger.error(
+                    "log %s: corrupt record in %s at byte %d (offset %d): %s; valid records "
+                    "follow from byte %d (offset %d), so the segment is kept whole and offsets "
+                    "%d to %d are unreadable; groups stop at offset %d until the segment is "
+                    "repaired",
+                    self.name,
+                    path,
+                    result.valid_bytes,
+                    result.next_offset,
+                    result.problem,
+                    resume_position,
+                    resume_offset,
+                    result.next_offset,
+                    resume_offset - 1,
+                    result.next_offset,
+                )
+                # An index entry at the resume point lets reads reach the records after
+                # the damage without skipping through it by its length fields.
+                index.next_entry_position = resume_position
+                result = _scan_segment(
+                    fd, size_bytes, resume_offset, True, index, self.producers, start=resume_position
+                )
             if result.valid_bytes < size_bytes:
                 logger.warning(
                     "log %s: truncating %s at byte %d, dropping %d bytes: %s",

@@ -517,8 +517,16 @@ class Decoder:
     TruncatedFrame if a frame was cut off.
     """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        first_frame_max_bytes: int | None = None,
+    ) -> None:
         self.max_frame_bytes = max_frame_bytes
+        # A lower limit for the first frame only. The queue sets it, because the first
+        # frame must be HELLO, and an unauthenticated peer should not make it buffer
+        # a full-size frame.
+        self.first_frame_max_bytes = first_frame_max_bytes
         self._buffer = bytearray()
         self._error: ProtocolError | None = None
 
@@ -563,6 +571,11 @@ class Decoder:
             (length,) = LENGTH.unpack_from(buffer, position)
             if length == 0:
                 raise MalformedFrame("frame length 0: a frame needs at least its type byte")
+            if self.first_frame_max_bytes is not None and length > self.first_frame_max_bytes:
+                raise FrameTooLarge(
+                    f"frame length {length} exceeds the limit of {self.first_frame_max_bytes} "
+                    f"bytes for the first frame of a connection, which must be HELLO"
+                )
             if length > self.max_frame_bytes:
                 raise FrameTooLarge(
                     f"frame length {length} exceeds the limit of {self.max_frame_bytes} bytes"
@@ -573,6 +586,7 @@ class Decoder:
             frame_type = buffer[position + 4]
             payload = bytes(buffer[position + 5 : end])
             frames.append(parse(frame_type, payload))
+            self.first_frame_max_bytes = None
             position = end
         return position
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -25,6 +28,9 @@ MAX_EVENTS_PER_STEP = 1000
 # Falling this far behind the schedule is reported (once per report interval).
 BEHIND_REPORT_S = 1.0
 ACK_WAIT_S = 30.0
+# After Ctrl-C, how long the publisher waits for acknowledgements of what it sent. A
+# second Ctrl-C stops the wait at once.
+INTERRUPTED_ACK_WAIT_S = 5.0
 # How often the progress callback runs. Five times a second keeps a progress bar smooth.
 PROGRESS_INTERVAL_S = 0.2
 
@@ -58,6 +64,8 @@ class PublishReport:
     elapsed_s: float = 0.0
     max_behind_s: float = 0.0
     input_error: str | None = None
+    # Set when SIGINT (Ctrl-C) or SIGTERM stopped the publish before its end.
+    interrupted: bool = False
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -101,15 +109,21 @@ def _from_file(
     config: PublishConfig,
     report: PublishReport,
     on_invalid_line: Callable[[str], None] | None,
+    max_line_bytes: int | None,
 ) -> Iterator[tuple[bytes, bytes]]:
     paths = events.key_path(config.key_field)
     assert config.file is not None
     source = events.open_source(config.file)
     name = "stdin" if config.file == "-" else config.file
     try:
-        for number, line in events.read_lines(source, name):
+        for number, line in events.read_lines(source, name, max_line_bytes):
             report.read += 1
             try:
+                if line is None:
+                    raise events.InvalidEvent(
+                        f"the line is longer than the queue's limit of {max_line_bytes} bytes "
+                        f"per event (--max-event-bytes); split the event or raise the limit"
+                    )
                 event, value = events.parse_line(line)
                 if config.cloudevents:
                     key, value = events.to_cloudevent(
@@ -137,11 +151,13 @@ async def publish(
     config: PublishConfig,
     on_invalid_line: Callable[[str], None] | None = None,
     on_progress: Callable[[PublishProgress], None] | None = None,
+    handle_signals: bool = False,
 ) -> PublishReport:
     """Publish until the source, --count or --duration ends, then wait for acknowledgements.
 
     `on_progress`, when given, is called every PROGRESS_INTERVAL_S from the event loop
-    and once more at the end.
+    and once more at the end. With `handle_signals`, SIGINT and SIGTERM end the publish
+    early and set `interrupted` in the report, which is still returned.
     """
     report = PublishReport()
 
@@ -152,7 +168,10 @@ async def publish(
     producer = Producer(config.queue, token=config.token, on_rejected=on_rejected)
     await producer.start()
     max_event_bytes = producer.max_event_bytes
-    source = _from_file(config, report, on_invalid_line) if config.file else _generated(config)
+    if config.file:
+        source = _from_file(config, report, on_invalid_line, max_event_bytes or None)
+    else:
+        source = _generated(config)
     if config.count is not None:
         source = itertools.islice(source, config.count)
     started = time.monotonic()
@@ -187,9 +206,24 @@ async def publish(
             await asyncio.sleep(PROGRESS_INTERVAL_S)
 
     progress_task = asyncio.create_task(report_progress()) if on_progress else None
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    stop_waiting = asyncio.Event()
+
+    def on_interrupt() -> None:
+        if report.interrupted:
+            stop_waiting.set()
+            return
+        report.interrupted = True
+        interrupted.set()
+        logger.warning("interrupted; waiting up to %.0f s for acknowledgements", INTERRUPTED_ACK_WAIT_S)
+
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    for signum in signals:
+        loop.add_signal_handler(signum, on_interrupt)
     try:
         exhausted = False
-        while not exhausted:
+        while not exhausted and not report.interrupted:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
@@ -239,14 +273,15 @@ async def publish(
                         behind_s,
                         config.rate,
                     )
-            await producer.wait_for_capacity()
+            await _wait_or_interrupted(producer.wait_for_capacity(), interrupted)
             await asyncio.sleep(0)
         finished_sending = True
-        if not await producer.flush(ACK_WAIT_S):
-            logger.error(
-                "%d events were not acknowledged within %.0f s", producer.unacked, ACK_WAIT_S
-            )
+        wait_s = INTERRUPTED_ACK_WAIT_S if report.interrupted else ACK_WAIT_S
+        if not await _wait_or_interrupted(producer.flush(wait_s), stop_waiting):
+            logger.error("%d events were not acknowledged within %.0f s", producer.unacked, wait_s)
     finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
         if progress_task is not None:
             progress_task.cancel()
             finished_sending = True
@@ -261,6 +296,22 @@ async def publish(
     return report
 
 
+async def _wait_or_interrupted(waiting: Any, stop_waiting: asyncio.Event) -> Any:
+    """Await `waiting` unless `stop_waiting` is set first; then return False."""
+    task = asyncio.ensure_future(waiting)
+    stopper = asyncio.create_task(stop_waiting.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
 def run(
     config: PublishConfig,
     on_invalid_line: Callable[[str], None] | None = None,
@@ -268,4 +319,4 @@ def run(
 ) -> PublishReport:
     import uvloop
 
-    return uvloop.run(publish(config, on_invalid_line, on_progress))
+    return uvloop.run(publish(config, on_invalid_line, on_progress, handle_signals=True))

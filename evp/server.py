@@ -51,6 +51,17 @@ FSYNC_POLICIES = ("always", "batch", "never")
 WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
 WRITE_LOW_WATER_BYTES = 1024 * 1024
 
+# Largest first frame of a connection, which must be HELLO: a JSON object of a few
+# short fields and a token. Bytes from a peer that has not yet authenticated stay
+# under this bound, not under --max-frame-bytes.
+HELLO_MAX_FRAME_BYTES = 64 * 1024
+
+# Connections served at once. Each costs a file descriptor and up to
+# WRITE_HIGH_WATER_BYTES of send buffer, so the default keeps the worst case near
+# 4 GiB; Linux's default soft limit of 1024 open files would cap it too. A guess sized
+# for hundreds of shards, not measured.
+DEFAULT_MAX_CONNECTIONS = 1000
+
 
 @dataclass
 class QueueConfig:
@@ -66,6 +77,10 @@ class QueueConfig:
     heartbeat_interval_ms: int = 1000
     session_timeout_ms: int = 10000
     handshake_timeout_s: float = 10.0
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # A connection that leaves a frame unfinished and sends nothing more for this long
+    # is closed, so a stalled or hostile peer does not hold its buffer forever.
+    frame_timeout_s: float = 30.0
     commit_interval_ms: int = 200
     segment_bytes: int = 64 * 1024 * 1024
     token: str | None = None
@@ -85,6 +100,35 @@ class InvalidEvent(Exception):
     """An event in a PUBLISH batch that the queue will not store."""
 
 
+class StorageErrorLog:
+    """Log failed appends at most once per interval, with the count of those not logged.
+
+    A full disk fails every batch of every publisher, hundreds per second.
+    """
+
+    interval_s = 5.0
+
+    def __init__(self) -> None:
+        self._last_logged = -self.interval_s
+        self._not_logged = 0
+
+    def report(self, topic: str, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_logged < self.interval_s:
+            self._not_logged += 1
+            return
+        logger.error(
+            "appending to topic=%s failed: %s; the batch was not acknowledged "
+            "(%d more failed appends not logged in the last %.0f s)",
+            topic,
+            exc,
+            self._not_logged,
+            self.interval_s,
+        )
+        self._last_logged = now
+        self._not_logged = 0
+
+
 class QueueServer:
     def __init__(self, config: QueueConfig) -> None:
         if config.fsync not in FSYNC_POLICIES:
@@ -95,6 +139,8 @@ class QueueServer:
         self.store = Store(config.data_dir, config.partitions, segment_bytes=config.segment_bytes)
         self.groups: dict[tuple[str, str], Group] = {}
         self.connections: set[ServerConnection] = set()
+        self.connections_rejected = 0
+        self.storage_errors = StorageErrorLog()
         self.started_at = time.time()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -331,6 +377,20 @@ class QueueServer:
             except Exception:  # the task must outlive any failure
                 logger.exception("declaring silent members dead failed")
 
+    async def _reap_partial_frames(self) -> None:
+        """Close every connection that sent part of a frame and then nothing for a while."""
+        timeout_s = self.config.frame_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            now = time.monotonic()
+            try:
+                for connection in list(self.connections):
+                    silent_s = now - connection.last_data_at
+                    if connection.decoder.buffered_bytes and silent_s > timeout_s:
+                        connection.close_partial_frame(silent_s)
+            except Exception:  # the task must outlive any failure
+                logger.exception("closing connections with unfinished frames failed")
+
     def _reap_silent(self, timeout_s: float) -> None:
         now = time.monotonic()
         for group in list(self.groups.values()):
@@ -417,6 +477,7 @@ class QueueServer:
             self._tasks.append(asyncio.create_task(self._periodic_sync()))
         self._tasks.append(asyncio.create_task(self._save_offsets()))
         self._tasks.append(asyncio.create_task(self._reap_members()))
+        self._tasks.append(asyncio.create_task(self._reap_partial_frames()))
         self._tasks.append(asyncio.create_task(self._health()))
         self._tasks.append(asyncio.create_task(self._sample()))
         self._tasks.append(asyncio.create_task(self._retention()))
@@ -513,7 +574,10 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, server: QueueServer) -> None:
         self.server = server
-        self.decoder = protocol.Decoder(server.config.max_frame_bytes)
+        self.decoder = protocol.Decoder(
+            server.config.max_frame_bytes,
+            first_frame_max_bytes=min(HELLO_MAX_FRAME_BYTES, server.config.max_frame_bytes),
+        )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.ready = False  # handshake done
@@ -523,6 +587,7 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self._paused_writing = False
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self.last_data_at = time.monotonic()
 
     # asyncio.Protocol callbacks.
 
@@ -531,6 +596,23 @@ class ServerConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        limit = self.server.config.max_connections
+        if len(self.server.connections) >= limit:
+            self.server.connections_rejected += 1
+            logger.warning(
+                "rejected connection from %s: the queue serves its limit of %d connections "
+                "(--max-connections); %d rejected since start",
+                self.peer,
+                limit,
+                self.server.connections_rejected,
+            )
+            self.send_error(
+                "too_many_connections",
+                f"the queue serves its limit of {limit} connections (--max-connections); "
+                f"retry later, or raise the limit on the queue",
+            )
+            self.close("too many connections")
+            return
         self.server.connections.add(self)
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(
@@ -541,8 +623,9 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_data_at = time.monotonic()
         if self.member is not None:
-            self.member.last_seen = time.monotonic()
+            self.member.last_seen = self.last_data_at
         try:
             frames = self.decoder.feed(data)
             for frame in frames:
@@ -620,6 +703,21 @@ class ServerConnection(asyncio.Protocol):
             self.transport.close()
 
     # Frames.
+
+    def close_partial_frame(self, silent_s: float) -> None:
+        buffered = self.decoder.buffered_bytes
+        logger.warning(
+            "connection from %s sent %d bytes of a frame and then nothing for %.1f s; closing it",
+            self.peer,
+            buffered,
+            silent_s,
+        )
+        self.send_error(
+            "frame_timeout",
+            f"{buffered} bytes of an unfinished frame and nothing more for "
+            f"{self.server.config.frame_timeout_s:g} s (queue option --frame-timeout)",
+        )
+        self.close("frame timeout")
 
     def _handshake_timed_out(self) -> None:
         if not self.ready and not self.closed:
@@ -768,7 +866,7 @@ class ServerConnection(asyncio.Protocol):
             self.send_error("invalid_event", str(exc), seq=frame.seq, fatal=False)
             return
         except OSError as exc:
-            logger.error("appending to topic=%s failed: %s", frame.topic, exc)
+            server.storage_errors.report(frame.topic, exc)
             # A producer's later batches must not be stored before this one is: their
             # higher sequence numbers would make the queue skip this one's resend.
             # Closing drops the frames already read, and the producer resends them all,
@@ -805,7 +903,18 @@ class ServerConnection(asyncio.Protocol):
             self.send_error("invalid_member", f"invalid member id {frame.member!r}: use 1 to 200 characters")
             self.close("invalid member id")
             return
-        max_in_flight = min(max(1, frame.max_in_flight), self.server.config.max_in_flight)
+        limit = self.server.config.max_in_flight
+        max_in_flight = min(max(1, frame.max_in_flight), limit)
+        if frame.max_in_flight > limit:
+            logger.warning(
+                "member=%s from %s requested max_in_flight=%d, above the queue's "
+                "--max-in-flight %d; it gets %d",
+                frame.member,
+                self.peer,
+                frame.max_in_flight,
+                limit,
+                max_in_flight,
+            )
         group = self.server.group(frame.topic, frame.group)
         existing = group.members.get(frame.member)
         live_s = 3 * self.server.config.heartbeat_interval_ms / 1000

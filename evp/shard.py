@@ -174,9 +174,15 @@ class Shard:
         finished = 0
         # Without a handler nothing fails, so events skip the retry bookkeeping.
         passthrough = self.handler is None
+        awaits_handler = self.handler is not None and self.handler.is_async
         for index, record in enumerate(batch):
             now = time.monotonic()
-            if now - last_yield > YIELD_INTERVAL_S:
+            yielding = now - last_yield > YIELD_INTERVAL_S
+            if index and (yielding or awaits_handler):
+                # Other code runs while this shard awaits, and if it blocks the event
+                # loop, an acknowledgement still waiting here would be held back.
+                self._acknowledge_finished(partition, work, batch[index - 1].offset)
+            if yielding:
                 # A slow sync handler would otherwise hold the event loop for the whole
                 # batch, so no heartbeat goes out and the queue declares the shard dead.
                 await asyncio.sleep(0)
@@ -209,6 +215,21 @@ class Shard:
         now_us = time.time_ns() // 1000
         self.latency.record_many([now_us - record.timestamp_us for record in batch])
         return work.ack_position()
+
+    def _acknowledge_finished(self, partition: int, work: PartitionWork, last_offset: int) -> None:
+        """Acknowledge now what is finished of a batch, up to `last_offset`, mid-batch.
+
+        Results published to an output topic must be acknowledged by the queue first,
+        which takes a round trip, so with results still unacknowledged this waits for
+        the end of the batch.
+        """
+        if self.producer is not None and self.producer.unacked:
+            return
+        if self.output is not None and self._pending_lines:
+            self.output.write(b"".join(self._pending_lines))
+            self._pending_lines.clear()
+        work.delivered(last_offset)
+        self.consumer.ack_progress(partition, work.ack_position())
 
     async def _attempt(
         self, partition: int, record: records.Record, attempt: int, epoch: int

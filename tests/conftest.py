@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,20 @@ class Evp:
         process = subprocess.Popen(
             evp_command(*args), stdout=log, stderr=subprocess.STDOUT, env=env, **kwargs
         )
+        self.processes.append(process)
+        return process
+
+    def start_command(
+        self, command: list[str], log_name: str
+    ) -> subprocess.Popen[bytes] | None:
+        """Start a command that wraps an evp process; return None if it is not installed."""
+        log = open(self.workdir / f"{log_name}.log", "ab")  # noqa: SIM115
+        self._logs.append(log)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        except FileNotFoundError:
+            return None
         self.processes.append(process)
         return process
 
@@ -180,3 +196,67 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as file:
         return [orjson.loads(line) for line in file if line.strip()]
+
+
+async def consume(address: str, topic: str, count: int, timeout_s: float = 20.0) -> list[Any]:
+    """Read `count` records of `topic` through a consumer group and return what arrived."""
+    from evp.client import Consumer
+
+    received: list[Any] = []
+    done = asyncio.Event()
+
+    async def process(partition: int, batch: list[Any]) -> None:
+        received.extend(batch)
+        if len(received) >= count:
+            done.set()
+
+    consumer = Consumer(address, topic=topic, group="check", member="check-0", process=process)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout_s)
+    except TimeoutError:
+        pass
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+    return received
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str) -> Iterator[Path]:
+    """Mount a tmpfs of `size` (e.g. "256k") on a new directory under /tmp.
+
+    Skips the calling test when not root or when the mount is refused, and unmounts
+    when the block ends. Stop every process using the mount before that.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = Path(tempfile.mkdtemp(prefix="evp-test-tmpfs-", dir="/tmp"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        mount_point.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+        mount_point.rmdir()
+
+
+@contextlib.contextmanager
+def background_publish(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `evp publish *args` with its stderr piped; kill it if the block leaves it running."""
+    publisher = subprocess.Popen(
+        [*evp_command("publish"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield publisher
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+            publisher.wait()

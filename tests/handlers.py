@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 # The processing delay of `slow`. 20 ms per event keeps a shard busy long enough for a
@@ -71,4 +72,42 @@ def returns_set(event: dict[str, Any]) -> Any:
     """Return a value that is not an event for events marked "bad"."""
     if event.get("bad"):
         return {1, 2}
+    return event
+
+
+# How long `block_loop_after` blocks the event loop after its marked event returns:
+# longer than the session timeout the test gives the queue.
+LOOP_BLOCK_S = 3.0
+
+
+async def block_loop_after(event: dict[str, Any]) -> dict[str, Any]:
+    """Pass each event after one await; after an event marked "block", block the loop.
+
+    The await stands for a handler's I/O. The marked event's handler returns first,
+    and only then does the blocking call run, so that event is finished and is owed
+    an acknowledgement while the event loop is stuck.
+    """
+    await asyncio.sleep(0)
+    if event.get("block"):
+        asyncio.get_running_loop().call_soon(time.sleep, LOOP_BLOCK_S)
+    return event
+
+
+async def hold_marked(event: dict[str, Any]) -> dict[str, Any]:
+    """Pass events, but wait without end on events with a "hold" field.
+
+    The field names a file, which the handler creates when it starts waiting, so a
+    test can wait until the shard holds an event it will not finish.
+    """
+    if event.get("hold"):
+        Path(event["hold"]).touch()
+        await asyncio.sleep(BLOCKING_DELAY_S)
+    return event
+
+
+async def gated(event: dict[str, Any]) -> dict[str, Any]:
+    """Wait while the file named by the event's "gate" field exists, then pass the event."""
+    gate = Path(event["gate"])
+    while gate.exists():
+        await asyncio.sleep(0.05)
     return event

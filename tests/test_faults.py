@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import psutil
 import pytest
-from conftest import snapshot, wait_for_node, wait_until
+from conftest import background_publish, snapshot, wait_for_node, wait_until
 
 from evp import protocol, records
 from evp.client import connect
@@ -42,11 +42,25 @@ def write_events(path: Path, count: int, prefix: str, users: int = 40) -> list[s
     return ids
 
 
-def publish_file(evp: Any, address: str, path: Path) -> None:
+# The publish rate of the fault tests that publish a file: several thousand events per
+# second, so that faults meet a queue that is busy writing.
+FAULT_RATE = "5000"
+
+
+def publish_file(evp: Any, address: str, path: Path, rate: str = "0") -> None:
     result = evp.run(
-        "publish", "--queue", address, "--file", str(path), "--key-field", "user", "--rate", "0"
+        "publish", "--queue", address, "--file", str(path), "--key-field", "user", "--rate", rate
     )
     assert result.returncode == 0, result.stderr.decode()
+
+
+def print_figures(test: str, **figures: int) -> None:
+    """Print one line of figures (events published, acknowledged, processed...).
+
+    `pytest -s` shows the line; docs/reliability.md quotes it.
+    """
+    fields = " ".join(f"{name}={value}" for name, value in figures.items())
+    print(f"\nfigures test={test} {fields}")
 
 
 def output_ids(*directories: Path) -> list[str]:
@@ -216,39 +230,145 @@ def last_record(segment: Path) -> tuple[int, int, bytes]:
     return start, size, body[RECORD_BODY.size + key_bytes :]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("cut", ["header", "body"])
-def test_torn_tail_recovered(evp, tmp_path, cut):
-    data_dir = tmp_path / "data"
-    ids = write_events(tmp_path / "input.jsonl", 200, "torn")
-    queue, address = evp.queue(data_dir, None, "--partitions", "4")
-    port = int(address.rsplit(":", 1)[1])
-    publish_file(evp, address, tmp_path / "input.jsonl")
-    assert stop(queue) == 0
+def record_starts(segment: Path) -> list[int]:
+    """Return the start byte of every record in a segment file."""
+    data = segment.read_bytes()
+    starts = []
+    position = 0
+    while position < len(data):
+        starts.append(position)
+        _, length = RECORD_PREFIX.unpack_from(data, position)
+        position += RECORD_PREFIX.size + length
+    assert position == len(data), f"{segment} does not end on a record boundary"
+    return starts
 
+
+def record_value(segment: Path, start: int) -> bytes:
+    data = segment.read_bytes()
+    _, length = RECORD_PREFIX.unpack_from(data, start)
+    body = data[start + RECORD_PREFIX.size : start + RECORD_PREFIX.size + length]
+    key_bytes = RECORD_BODY.unpack_from(body)[-1]
+    return body[RECORD_BODY.size + key_bytes :]
+
+
+def first_partition_segment(data_dir: Path, partitions: int) -> Path:
     partition_dirs = sorted((data_dir / "topics" / "events").glob("[0-9]" * 5))
-    assert len(partition_dirs) == 4
+    assert len(partition_dirs) == partitions
     segment = sorted(partition_dirs[0].glob("*.log"))[-1]
     assert re.fullmatch(r"\d{20}\.log", segment.name)
+    return segment
+
+
+TORN_EVENTS = 10_000
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cut", ["header", "body", "last_byte"])
+def test_torn_tail_recovered(evp, tmp_path, cut):
+    data_dir = tmp_path / "data"
+    ids = write_events(tmp_path / "input.jsonl", TORN_EVENTS, "torn")
+    queue, address = evp.queue(data_dir, None, "--partitions", "4")
+    port = int(address.rsplit(":", 1)[1])
+    publish_file(evp, address, tmp_path / "input.jsonl", FAULT_RATE)
+    assert stop(queue) == 0
+
+    segment = first_partition_segment(data_dir, 4)
     start, size, value = last_record(segment)
     torn_id = orjson.loads(value)["id"]
     # A record header is 42 bytes, so keeping 10 bytes tears the header and keeping half
     # of the record tears its body.
-    keep_bytes = 10 if cut == "header" else size // 2
+    keep_bytes = {"header": 10, "body": size // 2, "last_byte": size - 1}[cut]
     with segment.open("r+b") as file:
         file.truncate(start + keep_bytes)
 
-    _, address = evp.queue(data_dir, port, "--partitions", "4")
+    queue, _ = evp.queue(data_dir, port, "--partitions", "4")
     warnings = [line for line in evp.log("queue").splitlines() if "WARNING" in line]
-    assert any(str(segment) in line for line in warnings), warnings
+    assert any(str(segment) in line and f"at byte {start}" in line for line in warnings), warnings
+    assert "ERROR" not in evp.log("queue")
     stored = sum(topic["events"] for topic in snapshot(address)["topics"])
     assert stored == len(ids) - 1
+
+    # An event published after the repair survives a second restart.
+    after = write_events(tmp_path / "after.jsonl", 1, "after-repair")
+    publish_file(evp, address, tmp_path / "after.jsonl")
+    assert stop(queue) == 0
+    evp.queue(data_dir, port, "--partitions", "4")
+    stored = sum(topic["events"] for topic in snapshot(address)["topics"])
+    assert stored == len(ids)
 
     output = tmp_path / "out"
     start_processor(evp, address, output, 2, "torn")
     wait_for_lag_zero(address)
-    processed = set(output_ids(output))
-    assert processed == set(ids) - {torn_id}
+    processed = output_ids(output)
+    assert set(processed) == (set(ids) - {torn_id}) | set(after)
+    print_figures(
+        f"test_torn_tail_recovered[{cut}]",
+        published=len(ids) + 1,
+        acknowledged=len(ids) + 1,
+        dropped_torn=1,
+        processed=len(set(processed)),
+        lost=len(ids) + 1 - 1 - len(set(processed)),
+        duplicated=len(processed) - len(set(processed)),
+    )
+
+
+# A byte flipped in the middle of the active segment.
+
+
+@pytest.mark.timeout(180)
+def test_flipped_byte_blocks_partition(evp, tmp_path):
+    data_dir = tmp_path / "data"
+    ids = write_events(tmp_path / "input.jsonl", TORN_EVENTS, "flip")
+    queue, address = evp.queue(data_dir, None, "--partitions", "4")
+    port = int(address.rsplit(":", 1)[1])
+    publish_file(evp, address, tmp_path / "input.jsonl", FAULT_RATE)
+    assert stop(queue) == 0
+
+    segment = first_partition_segment(data_dir, 4)
+    starts = record_starts(segment)
+    bad_offset = len(starts) // 2
+    values = [orjson.loads(record_value(segment, start))["id"] for start in starts]
+    data = bytearray(segment.read_bytes())
+    data[starts[bad_offset] + 40] ^= 0x01  # a byte of the event's JSON
+    segment.write_bytes(bytes(data))
+
+    _, address = evp.queue(data_dir, port, "--partitions", "4")
+    log = evp.log("queue")
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert any(
+        str(segment) in line and f"(offset {bad_offset})" in line for line in errors
+    ), errors
+    assert "truncating" not in log
+    stored = sum(topic["events"] for topic in snapshot(address)["topics"])
+    assert stored == len(ids)
+
+    # The partition stops at the corrupt record: every other event is processed, and
+    # nothing at or after the bad offset of that partition is handed out.
+    blocked_ids = set(values[bad_offset:])
+    output = tmp_path / "out"
+    start_processor(evp, address, output, 2, "flip")
+
+    def stalled() -> dict[str, Any] | None:
+        group = group_snapshot(address)
+        done = group["acked"] == len(ids) - len(blocked_ids)
+        return group if done and group["stall"] else None
+
+    group = wait_until(stalled, CATCH_UP_TIMEOUT_S, message="the group did not stop at the damage")
+    assert group["lag"] == len(blocked_ids)
+    assert "blocked by a corrupt record" in group["stall"]
+    assert "[0]" in group["stall"]
+    processed = output_ids(output)
+    assert set(processed) == set(ids) - blocked_ids
+    log = evp.log("queue")
+    assert f"partition events/0 is blocked at offset {bad_offset}" in log
+    print_figures(
+        "test_flipped_byte_blocks_partition",
+        published=len(ids),
+        acknowledged=len(ids),
+        processed=len(set(processed)),
+        held_at_damage=len(blocked_ids),
+        duplicated=len(processed) - len(set(processed)),
+    )
 
 
 # Queue restarts while clients are connected.
@@ -446,3 +566,217 @@ def test_two_processors_share_partitions(evp, tmp_path):
     wait_for_lag_zero(address)
     assert set(first_ids) - set(output_ids(out_a, out_b)) == set()
     assert set(second_ids) - set(output_ids(out_a)) == set()
+
+
+# A shard killed with 500 events in flight, replaced under the same member id.
+
+IN_FLIGHT = 500
+
+
+def write_gated_events(path: Path, count: int, prefix: str, gate: Path) -> list[str]:
+    """Write events that the `gated` handler holds while `gate` exists; return their ids."""
+    ids = [f"{prefix}-{number:05d}" for number in range(count)]
+    with path.open("wb") as file:
+        for number, event_id in enumerate(ids):
+            event = {"id": event_id, "user": f"user-{number % 40}", "gate": str(gate)}
+            file.write(orjson.dumps(event) + b"\n")
+    return ids
+
+
+def member_of(address: str, member_id: str) -> dict[str, Any] | None:
+    group = group_snapshot(address)
+    if group is None:
+        return None
+    return next((member for member in group["members"] if member["id"] == member_id), None)
+
+
+@pytest.mark.timeout(180)
+def test_killed_shard_in_flight_redelivered(evp, tmp_path):
+    gate = tmp_path / "gate"
+    gate.touch()
+    ids = write_gated_events(tmp_path / "input.jsonl", 2000, "held", gate)
+    _, address = evp.queue(tmp_path / "data", None, "--partitions", "8")
+    # Published first, so the shard's first dispatch fills its whole window: a shard
+    # with events in flight gets more only when it acknowledges some.
+    publish_file(evp, address, tmp_path / "input.jsonl", FAULT_RATE)
+    output = tmp_path / "out"
+    processor = start_processor(
+        evp, address, output, 1, "held",
+        "--handler", f"{HANDLERS}:gated", "--max-in-flight", str(IN_FLIGHT),
+    )
+
+    def full() -> dict[str, Any] | None:
+        member = member_of(address, "held/shard-0")
+        return member if member is not None and member["in_flight"] == IN_FLIGHT else None
+
+    wait_until(full, 30, message=f"the shard did not reach {IN_FLIGHT} events in flight")
+    old_pid = shard_pids(evp.log("process-held"))[0][-1]
+    os.kill(old_pid, signal.SIGKILL)
+
+    def replaced() -> dict[str, Any] | None:
+        pids = shard_pids(evp.log("process-held")).get(0, [])
+        member = member_of(address, "held/shard-0")
+        if len(pids) == 2 and member is not None and member["pid"] == pids[-1]:
+            return member
+        return None
+
+    # The new shard of the same id starts from zero: it is sent a full window again
+    # rather than stalling at the old connection's count.
+    wait_until(replaced, 30, message="shard-0 was not replaced under its member id")
+    member = wait_until(full, 30, message="the replaced shard was not sent a full window")
+    assert member["in_flight"] == IN_FLIGHT
+    gate.unlink()
+
+    group = wait_for_lag_zero(address)
+    processed = output_ids(output)
+    assert set(processed) == set(ids)
+    assert group["redelivered"] >= IN_FLIGHT
+    assert member_of(address, "held/shard-0")["in_flight"] == 0
+    assert processor.poll() is None
+    print_figures(
+        "test_killed_shard_in_flight_redelivered",
+        published=len(ids),
+        acknowledged=len(ids),
+        in_flight_at_kill=IN_FLIGHT,
+        redelivered=group["redelivered"],
+        processed=len(set(processed)),
+        lost=len(set(ids) - set(processed)),
+        duplicated=len(processed) - len(set(processed)),
+    )
+
+
+# A handler that blocks the event loop after its event is finished.
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("order", ["backlog", "live"])
+def test_loop_block_after_ack(evp, tmp_path, order):
+    count = 4000
+    blocked_id = f"block-{count // 2:05d}"
+    path = tmp_path / "input.jsonl"
+    with path.open("wb") as file:
+        for number in range(count):
+            event = {"id": f"block-{number:05d}", "user": f"user-{number % 40}"}
+            if number == count // 2:
+                event["block"] = True
+            file.write(orjson.dumps(event) + b"\n")
+    # A session timeout shorter than the 3 s block: if the finished event's
+    # acknowledgement waited for the loop, the queue would declare the shard dead
+    # first and deliver the event again.
+    _, address = evp.queue(tmp_path / "data", None, "--partitions", "8", "--session-timeout-ms", "2000")
+    # A backlog fills DELIVER frames, so the marked event sits inside a frame; live
+    # publishing sends small frames as events arrive.
+    if order == "backlog":
+        publish_file(evp, address, path, FAULT_RATE)
+    output = tmp_path / "out"
+    start_processor(evp, address, output, 1, "blocky", "--handler", f"{HANDLERS}:block_loop_after")
+    if order == "live":
+        publish_file(evp, address, path, FAULT_RATE)
+    wait_until(
+        lambda: blocked_id in output_ids(output), 60, message="the marked event was not processed"
+    )
+
+    def caught_up() -> dict[str, Any] | None:
+        group = group_snapshot(address)
+        return group if group["lag"] == 0 else None
+
+    # A redelivered marked event blocks the loop again, so the group would not catch up.
+    group = wait_until(
+        caught_up,
+        60,
+        message=f"the group did not catch up: the marked event was processed "
+        f"{output_ids(output).count(blocked_id)} times",
+    )
+    processed = output_ids(output)
+    assert processed.count(blocked_id) == 1
+    assert set(processed) == {f"block-{number:05d}" for number in range(count)}
+    print_figures(
+        f"test_loop_block_after_ack[{order}]",
+        published=count,
+        acknowledged=count,
+        processed=len(set(processed)),
+        redelivered=group["redelivered"],
+        marked_event_processed=processed.count(blocked_id),
+        duplicated=len(processed) - len(set(processed)),
+    )
+
+
+# One of two processors stopped with SIGTERM while it holds unprocessed events.
+
+
+def output_rows(*directories: Path) -> list[dict[str, Any]]:
+    rows = []
+    for directory in directories:
+        for path in sorted(directory.glob("shard-*.jsonl")):
+            with path.open("rb") as file:
+                rows.extend(orjson.loads(line) for line in file)
+    return rows
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_moves_partitions_intact(evp, tmp_path):
+    partitions = 8
+    count = 10_000
+    path = tmp_path / "input.jsonl"
+    holding = tmp_path / "holding"
+    with path.open("wb") as file:
+        for number in range(count):
+            event = {"id": f"moved-{number:05d}", "user": f"user-{number % 64}"}
+            if number % 97 == 50:
+                event["hold"] = str(holding)
+            file.write(orjson.dumps(event) + b"\n")
+    _, address = evp.queue(tmp_path / "data", None, "--partitions", str(partitions))
+    out_held = tmp_path / "out-held"
+    out_free = tmp_path / "out-free"
+    # The first processor waits without end on events marked "hold", so it stops
+    # with events fetched but unprocessed; its drain times out after 2 s.
+    held = start_processor(
+        evp, address, out_held, 2, "held",
+        "--handler", f"{HANDLERS}:hold_marked", "--drain-timeout", "2",
+    )
+    start_processor(evp, address, out_free, 2, "free")
+    with background_publish(
+        "--queue", address,
+        "--file", str(path),
+        "--key-field", "user",
+        "--rate", FAULT_RATE,
+    ) as publisher:
+        wait_until(
+            holding.exists, 30, interval_s=0.05, message="the held processor held no event"
+        )
+        held_partitions = sorted(partitions_by_node(group_snapshot(address))["held"])
+        assert held_partitions
+        assert publisher.poll() is None, "the publisher ended before the SIGTERM"
+        held.send_signal(signal.SIGTERM)
+        assert held.wait(timeout=30) == 0
+        _, stderr_bytes = publisher.communicate(timeout=90)
+    assert publisher.returncode == 0, stderr_bytes.decode()
+    assert f"acknowledged={count} " in stderr_bytes.decode()
+    assert "did not drain" in evp.log("process-held")
+
+    group = wait_for_lag_zero(address)
+    stored = {topic["name"]: topic for topic in snapshot(address)["topics"]}["events"]
+    assert stored["events"] == count
+    # Nothing skipped: every offset of every partition reached some shard's output,
+    # including the moved partitions from their oldest unacknowledged event on.
+    rows = output_rows(out_held, out_free)
+    seen: dict[int, set[int]] = {}
+    for row in rows:
+        seen.setdefault(row["partition"], set()).add(row["offset"])
+    assert sum(len(offsets) for offsets in seen.values()) == count
+    for partition, offsets in seen.items():
+        assert offsets == set(range(len(offsets))), f"partition {partition} has a gap"
+    # The moved partitions continued on the other processor.
+    free_partitions = {row["partition"] for row in output_rows(out_free)}
+    assert set(held_partitions) <= free_partitions
+    ids = [row["event"]["id"] for row in rows]
+    print_figures(
+        "test_sigterm_moves_partitions_intact",
+        published=count,
+        acknowledged=count,
+        moved_partitions=len(held_partitions),
+        redelivered=group["redelivered"],
+        processed=len(set(ids)),
+        lost=count - len(set(ids)),
+        duplicated=len(ids) - len(set(ids)),
+    )

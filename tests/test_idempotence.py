@@ -11,14 +11,13 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import evp_command, snapshot, wait_until
+from conftest import background_publish, snapshot, wait_until
 from test_faults import output_ids, start_processor, wait_for_lag_zero, write_events
 
 from evp import protocol, records
@@ -205,19 +204,13 @@ def test_publisher_resends_through_queue_kills(evp, tmp_path):
     data_dir = tmp_path / "data"
     queue, address = evp.queue(data_dir)
     port = int(address.rsplit(":", 1)[1])
-    publisher = subprocess.Popen(
-        [
-            *evp_command("publish"),
-            "--queue", address,
-            "--file", str(tmp_path / "input.jsonl"),
-            "--key-field", "user",
-            "--rate", "10000",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     dropped = 0
-    try:
+    with background_publish(
+        "--queue", address,
+        "--file", str(tmp_path / "input.jsonl"),
+        "--key-field", "user",
+        "--rate", "10000",
+    ) as publisher:
         def publishing() -> bool:
             return any(topic["events"] > 500 for topic in snapshot(address)["topics"])
 
@@ -232,10 +225,6 @@ def test_publisher_resends_through_queue_kills(evp, tmp_path):
             assert stats["events"] < count, f"kill {kill} came after the publish ended"
             queue, address = evp.queue(data_dir, port)
         _, stderr_bytes = publisher.communicate(timeout=120)
-    finally:
-        if publisher.poll() is None:
-            publisher.kill()
-            publisher.wait()
     stderr = stderr_bytes.decode()
     assert publisher.returncode == 0, stderr
     assert f"acknowledged={count} " in stderr

@@ -5,13 +5,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import mounted_tmpfs
 
 from evp import log as log_module
 from evp import records
@@ -293,40 +292,119 @@ def test_torn_tail_truncated(tmp_path: Path, cut: str, caplog: pytest.LogCapture
     log.close()
 
 
-@pytest.mark.parametrize("damage", ["offset_gap", "wrong_first_offset"])
-def test_recovery_offset_mismatch(
-    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_recovery_offset_gap_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log = PartitionLog(tmp_path, segment_bytes=500)
     for start in range(0, 12, 3):
         log.append(make_entries(start, 3))
     next_offset = log.next_offset
     log.close()
     active = segment_paths(tmp_path)[-1]
-    base = int(active.stem)
-    if damage == "offset_gap":
-        # A valid record whose offset skips one after the last stored record.
-        with open(active, "ab") as file:
-            file.write(records.encode(next_offset + 1, 0, b"k", b"v"))
-        expected_next = next_offset
-        kept_bytes = active.stat().st_size - len(records.encode(next_offset + 1, 0, b"k", b"v"))
-    else:
-        # The active segment's first record has an offset other than its file name's.
-        data = active.read_bytes()
-        first_end = records.scan(data)[1][0]
-        active.write_bytes(records.encode(base + 5, 0, b"k", b"v") + data[first_end:])
-        expected_next = base
-        kept_bytes = 0
+    # A valid record whose offset skips one, after the last stored record.
+    kept_bytes = active.stat().st_size
+    with open(active, "ab") as file:
+        file.write(records.encode(next_offset + 1, 0, b"k", b"v"))
 
     caplog.set_level(logging.WARNING, logger="evp.log")
     log = PartitionLog(tmp_path, segment_bytes=500)
-    assert log.next_offset == expected_next
+    assert log.next_offset == next_offset
     assert active.stat().st_size == kept_bytes
-    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(messages) == 1
     assert "expected" in messages[0]
-    assert log.append(make_entries(expected_next, 1)) == expected_next
-    assert read_all(log) == [expected_record(n) for n in range(expected_next + 1)]
+    assert log.append(make_entries(next_offset, 1)) == next_offset
+    assert read_all(log) == [expected_record(n) for n in range(next_offset + 1)]
+    log.close()
+
+
+MID_SEGMENT_DAMAGE = ["value_byte", "length_field", "crc_field", "wrong_offset"]
+
+
+@pytest.mark.parametrize("damage", MID_SEGMENT_DAMAGE)
+def test_recovery_keeps_records_after_damage(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = PartitionLog(tmp_path)
+    for n in range(10):
+        log.append(make_entries(n, 1))
+    log.close()
+    path = segment_paths(tmp_path)[-1]
+    size_bytes = path.stat().st_size
+    bad_offset, bad_start = record_positions(path)[4]
+    data = bytearray(path.read_bytes())
+    if damage == "value_byte":
+        data[bad_start + records.HEADER_BYTES + 10] ^= 0x01
+    elif damage == "length_field":
+        data[bad_start + 4] ^= 0x40  # the record now runs far past the end of the file
+    elif damage == "crc_field":
+        data[bad_start] ^= 0x80
+    else:
+        data[bad_start + 15] ^= 0x02  # low byte of the offset field
+    path.write_bytes(bytes(data))
+
+    caplog.set_level(logging.WARNING, logger="evp.log")
+    log = PartitionLog(tmp_path, name="events/3")
+    assert log.next_offset == 10
+    assert path.stat().st_size == size_bytes
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert f"corrupt record in {path} at byte {bad_start} (offset {bad_offset})" in errors[0]
+    assert f"offsets {bad_offset} to {bad_offset} are unreadable" in errors[0]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+    assert read_all_until(log, bad_offset) == [expected_record(n) for n in range(bad_offset)]
+    with pytest.raises(CorruptLog) as caught:
+        log.read(bad_offset, 10, 1 << 20)
+    assert caught.value.offset == bad_offset
+    after = []
+    for offset in range(bad_offset + 1, 10):
+        data_after, _ = log.read(offset, 1, 1 << 20)
+        after.extend(records.decode(data_after))
+    assert after == [expected_record(n) for n in range(bad_offset + 1, 10)]
+
+    assert log.append(make_entries(10, 1)) == 10
+    log.close()
+    log = PartitionLog(tmp_path)
+    assert log.next_offset == 11
+    data_new, _ = log.read(10, 1, 1 << 20)
+    assert list(records.decode(data_new)) == [expected_record(10)]
+    log.close()
+
+
+def test_recovery_damage_then_torn_tail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = PartitionLog(tmp_path)
+    for n in range(8):
+        log.append(make_entries(n, 1))
+    log.close()
+    path = segment_paths(tmp_path)[-1]
+    positions = record_positions(path)
+    _, bad_start = positions[2]
+    _, last_start = positions[-1]
+    data = bytearray(path.read_bytes())
+    data[bad_start + records.HEADER_BYTES + 3] ^= 0x10
+    path.write_bytes(bytes(data[: last_start + 20]))
+
+    caplog.set_level(logging.WARNING, logger="evp.log")
+    log = PartitionLog(tmp_path)
+    assert log.next_offset == 7
+    assert path.stat().st_size == last_start
+    levels = sorted(r.levelname for r in caplog.records if r.levelno >= logging.WARNING)
+    assert levels == ["ERROR", "WARNING"]
+    log.close()
+
+
+def test_recovery_zeroed_tail_truncated(tmp_path: Path) -> None:
+    # As after a power loss that extended the file without writing its data.
+    log = PartitionLog(tmp_path)
+    for n in range(5):
+        log.append(make_entries(n, 1))
+    log.close()
+    path = segment_paths(tmp_path)[-1]
+    size_bytes = path.stat().st_size
+    with open(path, "ab") as file:
+        file.write(b"\0" * 8192)
+    log = PartitionLog(tmp_path)
+    assert log.next_offset == 5
+    assert path.stat().st_size == size_bytes
     log.close()
 
 
@@ -577,21 +655,8 @@ def test_sync_thread_stress(tmp_path: Path) -> None:
 @pytest.fixture
 def small_tmpfs() -> Iterator[Path]:
     """A 256 KiB tmpfs mounted on a new directory under /tmp; skips without mount rights."""
-    mount_point = Path(tempfile.mkdtemp(prefix="evp-test-tmpfs-", dir="/tmp"))
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        mount_point.rmdir()
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs("256k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
-        mount_point.rmdir()
 
 
 def test_append_enospc_tmpfs(small_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -260,6 +260,21 @@ def test_too_large_after_valid_frame():
         decoder.feed(b"")
 
 
+def test_first_frame_limit():
+    decoder = Decoder(max_frame_bytes=4096, first_frame_max_bytes=64)
+    with pytest.raises(FrameTooLarge, match="limit of 64 bytes for the first frame"):
+        decoder.feed(LENGTH.pack(65))
+
+
+def test_first_frame_limit_then_full_limit():
+    decoder = Decoder(max_frame_bytes=4096, first_frame_max_bytes=64)
+    big = protocol.Deliver(1, 0, b"r" * 1000)
+    # The first frame fits the small limit; the frames after it get the full limit.
+    data = protocol.encode(protocol.Ping(1)) + protocol.encode(big)
+    assert decoder.feed(data) == [protocol.Ping(1), big]
+    assert decoder.first_frame_max_bytes is None
+
+
 def test_frame_of_exactly_max_bytes():
     limit = 1024
     # A DELIVER frame's length field counts the type byte, the 8-byte header and records.

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
+import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from conftest import snapshot
+from conftest import consume, free_port, snapshot, wait_until
 
 from evp import protocol
-from evp.client import ClientError, Consumer, Producer, ServerError, parse_address
+from evp.client import ClientError, Producer, ServerError, parse_address
 from evp.protocol import LENGTH, FrameType
 from evp.stats import fetch_snapshot
 
@@ -392,28 +395,6 @@ def test_invalid_topic_rejected(evp, topic):
 # Keys.
 
 
-async def consume(address: str, topic: str, count: int, timeout_s: float = 20.0) -> list[Any]:
-    """Read `count` records of `topic` through a consumer group and return what arrived."""
-    received: list[Any] = []
-    done = asyncio.Event()
-
-    async def process(partition: int, batch: list[Any]) -> None:
-        received.extend(batch)
-        if len(received) >= count:
-            done.set()
-
-    consumer = Consumer(address, topic=topic, group="check", member="check-0", process=process)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(done.wait(), timeout_s)
-    except TimeoutError:
-        pass
-    finally:
-        consumer.stop()
-        await asyncio.wait_for(task, 10)
-    return received
-
-
 def test_integer_keys_stay_distinct(evp, tmp_path: Path):
     # 2**64 and 2**64 + 1 are equal as 64-bit floats, so any float step merges them.
     source = tmp_path / "events.jsonl"
@@ -492,3 +473,205 @@ def test_token_not_logged(evp):
     assert "authentication failed" in log
     assert TOKEN not in log
     assert wrong not in log
+
+
+# Framing over a real socket.
+
+
+def test_frame_split_across_writes(evp):
+    process, address = evp.queue()
+    frame = protocol.encode(protocol.Publish(5, "split", [(b"k", VALID_EVENT, 0)]))
+    with RawConnection(address) as connection:
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.handshake()
+        for piece in (frame[:1], frame[1:3], frame[3:]):
+            connection.send(piece)
+            # Pauses between the writes make the queue read them separately.
+            time.sleep(0.05)
+        assert connection.read_frame() == protocol.Published(5, 1)
+    assert_queue_serves(process, address, {"split": 1})
+
+
+def publish_of_length(frame_length: int, events: int) -> bytes:
+    """Encode a PUBLISH whose length prefix is exactly `frame_length`."""
+    topic = "edge"
+    empty = protocol.encode(protocol.Publish(1, topic, [(b"k", b"", 0)] * events))
+    value_room = frame_length - (len(empty) - LENGTH.size)
+    sizes = [value_room // events] * events
+    sizes[0] += value_room - sum(sizes)
+    entries = [(b"k", b'{"p":"' + b"x" * (size - 8) + b'"}', 0) for size in sizes]
+    frame = protocol.encode(protocol.Publish(1, topic, entries))
+    assert LENGTH.unpack_from(frame)[0] == frame_length
+    return frame
+
+
+def test_frame_of_exactly_max_bytes(evp):
+    process, address = evp.queue(None, None, *SMALL_FRAME_LIMIT)
+    with RawConnection(address) as connection:
+        connection.handshake()
+        connection.send(publish_of_length(65536, 4))
+        assert connection.read_frame() == protocol.Published(1, 4)
+    assert_queue_serves(process, address, {"edge": 4})
+
+
+def test_frame_one_byte_over_max(evp):
+    process, address = evp.queue(None, None, *SMALL_FRAME_LIMIT)
+    with RawConnection(address) as connection:
+        connection.handshake()
+        connection.send(publish_of_length(65537, 4))
+        error = only_error(connection.read_until_closed())
+    assert error.code == "frame_too_large"
+    assert "frame length 65537 exceeds the limit of 65536 bytes" in error.message
+    assert_queue_serves(process, address, {})
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_random_bytes_rejected(evp, seed):
+    process, address = evp.queue()
+    noise = random.Random(seed).randbytes(4096)
+    with RawConnection(address) as connection:
+        connection.send(noise)
+        error = only_error(connection.read_until_closed())
+    assert error.fatal is True
+    assert error.code in {"frame_too_large", "malformed_frame", "unknown_frame_type", "protocol_error"}
+    assert_queue_serves(process, address, {})
+
+
+def test_half_frame_after_hello_closed(evp):
+    process, address = evp.queue(None, None, "--frame-timeout", "1")
+    frame = protocol.encode(protocol.Publish(1, "half", [(b"k", VALID_EVENT, 0)]))
+    with RawConnection(address) as connection:
+        connection.handshake()
+        connection.send(frame[: len(frame) // 2])
+        error = only_error(connection.read_until_closed())
+    assert error.code == "frame_timeout"
+    assert f"{len(frame) // 2} bytes of an unfinished frame" in error.message
+    assert "--frame-timeout" in error.message
+    assert_queue_serves(process, address, {})
+    assert "then nothing for" in evp.log("queue")
+
+
+# Limits a client cannot push past.
+
+
+def test_first_frame_capped_before_hello(evp):
+    # The frame limit is 16 MiB, but before HELLO only a small frame is buffered.
+    process, address = evp.queue()
+    with RawConnection(address) as connection:
+        connection.send(LENGTH.pack(1024 * 1024) + b"\x01" + b"{" * 1000)
+        error = only_error(connection.read_until_closed())
+    assert error.code == "frame_too_large"
+    assert "limit of 65536 bytes for the first frame" in error.message
+    assert_queue_serves(process, address, {})
+
+
+def test_connection_limit(evp):
+    process, address = evp.queue(None, None, "--max-connections", "3")
+    held = [RawConnection(address) for _ in range(3)]
+    try:
+        for connection in held:
+            connection.handshake()
+        with RawConnection(address) as refused:
+            error = only_error(refused.read_until_closed())
+        assert error.code == "too_many_connections"
+        assert "limit of 3 connections (--max-connections)" in error.message
+        with pytest.raises(ServerError, match="too_many_connections"):
+            asyncio.run(fetch_snapshot(address))
+    finally:
+        for connection in held:
+            connection.sock.close()
+    # Closed connections free their places.
+    wait_until(lambda: process.poll() is None and _snapshot_ok(address), timeout_s=10)
+    assert_queue_serves(process, address, {})
+    assert "rejected connection from" in evp.log("queue")
+
+
+def _snapshot_ok(address: str) -> bool:
+    try:
+        snapshot(address)
+    except ServerError:
+        return False
+    return True
+
+
+def test_max_in_flight_clamp_logged(evp):
+    process, address = evp.queue(None, None, "--max-in-flight", "100")
+    with RawConnection(address) as connection:
+        connection.handshake()
+        connection.send_frame(protocol.Join("events", "g", "greedy-0", 5000))
+        assigned = connection.read_frame()
+        assert isinstance(assigned, protocol.Assigned)
+        members = snapshot(address)["groups"][0]["members"]
+        assert [member["max_in_flight"] for member in members] == [100]
+    assert process.poll() is None
+    log = evp.log("queue")
+    assert "member=greedy-0" in log
+    assert "requested max_in_flight=5000, above the queue's --max-in-flight 100" in log
+
+
+@pytest.mark.timeout(60)
+def test_listen_elsewhere_without_token_warns(evp, tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace for the queue needs root")
+    port = free_port()
+    data_dir = tmp_path / "ns-data"
+    # A new network namespace has only its own loopback, so 0.0.0.0 reaches nothing else.
+    script = (
+        f"ip link set lo up && exec {sys.executable} -m evp queue --host 0.0.0.0 "
+        f"--port {port} --data-dir {data_dir}"
+    )
+    unshared = evp.start_command(["unshare", "--net", "sh", "-c", script], log_name="ns-queue")
+    if unshared is None:
+        pytest.skip("unshare is not installed")
+    wait_until(
+        lambda: "queue listening" in evp.log("ns-queue") or unshared.poll() is not None,
+        timeout_s=30,
+    )
+    log = evp.log("ns-queue")
+    if "Operation not permitted" in log:
+        pytest.skip(f"cannot create a network namespace: {log.strip()}")
+    assert "listening on 0.0.0.0 without a token" in log
+    assert "set --token or EVP_TOKEN" in log
+
+
+def test_loopback_default_no_warning(evp):
+    process, address = evp.queue()
+    assert process.poll() is None
+    log = evp.log("queue")
+    assert f"queue listening on 127.0.0.1:{address.rsplit(':', 1)[1]}" in log
+    assert "without a token" not in log
+
+
+# An event of 20 MiB.
+
+BIG_EVENT = b'{"pad":"' + b"x" * (20 * 1024 * 1024) + b'"}'
+
+
+def test_big_event_over_frame_limit(evp):
+    process, address = evp.queue()
+    with RawConnection(address, timeout_s=30) as connection:
+        connection.handshake()
+        try:
+            connection.send_frame(protocol.Publish(1, "big", [(b"k", BIG_EVENT, 0)]))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the queue may close before it has read the whole frame
+        error = only_error(connection.read_until_closed())
+    assert error.code == "frame_too_large"
+    assert f"exceeds the limit of {protocol.DEFAULT_MAX_FRAME_BYTES} bytes" in error.message
+    assert_queue_serves(process, address, {})
+
+
+def test_big_event_then_normal_event(evp):
+    process, address = evp.queue(None, None, "--max-frame-bytes", str(32 * 1024 * 1024))
+    with RawConnection(address, timeout_s=30) as connection:
+        connection.handshake()
+        connection.send_frame(protocol.Publish(1, "big", [(b"k", BIG_EVENT, 0)]))
+        error = connection.read_frame()
+        assert isinstance(error, protocol.Error), f"expected an ERROR frame, got {error!r}"
+        assert error.code == "invalid_event"
+        assert error.fatal is False
+        assert f"is {len(BIG_EVENT)} bytes, over the limit of 1048576 bytes" in error.message
+        assert "--max-event-bytes" in error.message
+        connection.send_frame(protocol.Publish(2, "big", [(b"k", VALID_EVENT, 0)]))
+        assert connection.read_frame() == protocol.Published(2, 1)
+    assert_queue_serves(process, address, {"big": 1})
