@@ -780,3 +780,53 @@ def test_sigterm_moves_partitions_intact(evp, tmp_path):
         lost=count - len(set(ids)),
         duplicated=len(ids) - len(set(ids)),
     )
+
+
+# A handler that ends its own process on one event.
+
+PROCESSING_HANDLERS = Path(__file__).with_name("processing_handlers.py")
+
+
+@pytest.mark.timeout(180)
+def test_crashing_handler_dead_lettered_under_load(evp, tmp_path):
+    count = 10_000
+    crash_id = "crash-03000"
+    ids = [f"crash-{number:05d}" for number in range(count)]
+    with (tmp_path / "input.jsonl").open("wb") as file:
+        for number, event_id in enumerate(ids):
+            event = {"id": event_id, "user": f"user-{number % 40}", "crash": event_id == crash_id}
+            file.write(orjson.dumps(event) + b"\n")
+    data_dir = tmp_path / "data"
+    _, address = evp.queue(data_dir)
+    output = tmp_path / "out"
+    processor = start_processor(
+        evp, address, output, 4, "crashing",
+        "--handler", f"{PROCESSING_HANDLERS}:exit_on_marked", "--max-retries", "2",
+    )
+    publish_file(evp, address, tmp_path / "input.jsonl", FAULT_RATE)
+    wait_for_lag_zero(address)
+
+    letters = []
+    for segment in sorted((data_dir / "topics" / "events.dlq").glob("*/*.log")):
+        letters.extend(orjson.loads(record.value) for record in records.decode(segment.read_bytes()))
+    assert [letter["event"]["id"] for letter in letters] == [crash_id]
+    assert letters[0]["deliveries"] == 3
+    assert letters[0]["error"].startswith("ShardCrashed:")
+    processed = output_ids(output)
+    assert set(processed) == set(ids) - {crash_id}
+    # Two crashes, two restarts; the third delivery went to the dead-letter topic.
+    log = evp.log("process-crashing")
+    restarts = sum(len(pids) - 1 for pids in shard_pids(log).values())
+    assert restarts == 2, log
+    assert processor.poll() is None
+    print_figures(
+        "test_crashing_handler_dead_lettered_under_load",
+        published=count,
+        acknowledged=count,
+        processed=len(set(processed)),
+        dead_lettered=len(letters),
+        deliveries_of_dead_letter=letters[0]["deliveries"],
+        shard_restarts=restarts,
+        lost=count - len(set(processed)) - len(letters),
+        duplicated=len(processed) - len(set(processed)),
+    )
