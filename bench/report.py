@@ -155,9 +155,9 @@ def _machine_line(record: dict[str, Any]) -> str:
     load = ", ".join(str(value) for value in info["load_average_at_start"])
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GiB of memory, "
-        f"{info['os']}. Other engineers ran test suites on the same machine during the run "
-        f"(load average {load} at the start), so every figure is noisy: compare systems "
-        f"within this run, and expect another run to differ."
+        f"{info['os']}. The load average at the start was {load}. Other work on the "
+        f"machine makes every figure noisy: compare systems within this run, and expect "
+        f"another run to differ."
     )
 
 

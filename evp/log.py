@@ -278,11 +278,10 @@ def _next_record_end(view: memoryview, position: int) -> int:
     return position + records.PREFIX.size + body_bytes
 
 
-def _remember_producers(
-    producers: OrderedDict[int, int], pairs: Sequence[tuple[int, int]]
-) -> None:
-    """Record `(producer, sequence)` pairs in order, the last one of a producer winning."""
-    for producer, sequence in pairs:
+def _remember_producers(producers: OrderedDict[int, int], latest: dict[int, int]) -> None:
+    """Record the latest sequence of each producer as its most recent, forgetting the
+    least recent producers beyond MAX_PRODUCERS."""
+    for producer, sequence in latest.items():
         if producer:
             producers[producer] = sequence
             producers.move_to_end(producer)
@@ -309,29 +308,33 @@ def _scan_segment(
     position = start
     offset = base_offset
     needed_bytes = 0  # set when one record is longer than the block read
-    pairs: list[tuple[int, int]] | None = [] if producers is not None else None
+    latest: dict[int, int] | None = {} if producers is not None else None
     while position < size_bytes:
         length = min(max(SCAN_BLOCK_BYTES, needed_bytes), size_bytes - position)
         block = _pread(fd, length, position)
         if len(block) < length:
             return _ScanResult(position, offset, f"the file ended at byte {position + len(block)}")
-        if pairs is not None:
-            pairs.clear()
-        offsets, ends, stop = records.scan(block, verify, pairs)
+        if latest is not None:
+            latest.clear()
+        offsets, ends, stop = records.scan(block, verify, latest)
         count = len(offsets)
         if count and offsets != list(range(offset, offset + count)):
             first_bad = next(i for i in range(count) if offsets[i] != offset + i)
             problem = f"record has offset {offsets[first_bad]}, expected {offset + first_bad}"
             if first_bad:
                 index.add_batch(offset, position, ends[:first_bad])
-            if producers is not None and pairs is not None:
-                _remember_producers(producers, pairs[:first_bad])
+            if producers is not None:
+                # Rare (damage): decode the accepted records again for their producers.
+                accepted = memoryview(block)[: ends[first_bad - 1] if first_bad else 0]
+                _remember_producers(
+                    producers, {record.producer: record.sequence for record in records.decode(accepted)}
+                )
             end = ends[first_bad - 1] if first_bad else 0
             return _ScanResult(position + end, offset + first_bad, problem)
         if count:
             index.add_batch(offset, position, ends)
-            if producers is not None and pairs is not None:
-                _remember_producers(producers, pairs)
+            if producers is not None and latest is not None:
+                _remember_producers(producers, latest)
             offset += count
         position += stop
         if stop == len(block):
@@ -529,7 +532,7 @@ class PartitionLog:
         except (KeyError, TypeError, ValueError) as exc:
             logger.warning("log %s: ignoring malformed %s: %s", self.name, path, exc)
             return
-        _remember_producers(self.producers, pairs)
+        _remember_producers(self.producers, dict(pairs))
 
     def _save_producers(self, segment_base: int) -> None:
         """Write the producer state as of the start of the segment at `segment_base`."""
@@ -673,7 +676,7 @@ class PartitionLog:
         segment.index.add_batch(base_offset, position, ends)
         self.next_offset = base_offset + len(ends)
         if producer and sequences:
-            _remember_producers(self.producers, ((producer, sequences[-1]),))
+            _remember_producers(self.producers, {producer: sequences[-1]})
         self._add_to_tail(base_offset, data, ends)
         with self._lock:
             self._unsynced[segment] = None

@@ -153,15 +153,15 @@ def decode(buffer: bytes | memoryview, verify: bool = True) -> Iterator[Record]:
 def scan(
     buffer: bytes | memoryview,
     verify: bool = True,
-    producers: list[tuple[int, int]] | None = None,
+    producers: dict[int, int] | None = None,
 ) -> tuple[list[int], list[int], int]:
     """Find whole, valid records at the start of `buffer`.
 
     Returns `(offsets, ends, stop)`: the offset and end position of each valid record,
     and the position where scanning stopped. `stop` is less than `len(buffer)` when the
     buffer ends in a partial record or when a record is corrupt, which is how recovery
-    finds a torn tail. When `producers` is given, `(producer, sequence)` of each valid
-    record is appended to it, in the order of `offsets`.
+    finds a torn tail. When `producers` is given, it maps each producer id of a valid
+    record to the sequence of its last valid record in `buffer`.
     """
     view = memoryview(buffer)
     end = len(view)
@@ -181,8 +181,8 @@ def scan(
         offset, _, producer, sequence, key_len = unpack_body(body)
         if BODY_HEADER_BYTES + key_len > length:
             break
-        if producers is not None:
-            producers.append((producer, sequence))
+        if producer and producers is not None:
+            producers[producer] = sequence
         offsets.append(offset)
         ends.append(body_end)
         position = body_end
