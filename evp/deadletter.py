@@ -8,7 +8,7 @@ A dead letter keeps the original event's key, and its value is the JSON object t
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 DLQ_SUFFIX = ".dlq"
@@ -45,8 +45,12 @@ class DeadLetter:
     failed_at: str
 
     def to_event(self) -> dict[str, Any]:
-        """Return the dead letter as the JSON object published to the dead-letter topic."""
-        return asdict(self)
+        """Return the dead letter as the JSON object published to the dead-letter topic.
+
+        The event is not copied: a deep copy would fail on an event nested deeper than
+        Python's recursion limit, and the caller only encodes the result.
+        """
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
     @classmethod
     def from_event(cls, value: Any) -> DeadLetter:

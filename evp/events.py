@@ -166,7 +166,19 @@ def parse_line(line: bytes) -> tuple[dict[str, Any], bytes]:
         return event, _dumps_exact(event)
     if not isinstance(event, dict):
         raise InvalidEvent(f"a JSON {_json_type(event)}, not an object")
-    return event, orjson.dumps(event)
+    return event, dumps_event(event)
+
+
+def loads_event(value: bytes) -> Any:
+    """Decode a stored event by the rules of `parse_line`, so that every event the
+    queue accepted decodes: integers beyond 64 bits stay exact, and whatever orjson
+    cannot read goes to the standard library. Raises InvalidEvent otherwise."""
+    if LONG_NUMBER.search(value):
+        return _parse_fallback(value, None)
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return _parse_fallback(value, exc)
 
 
 def check_object(value: bytes) -> None:
@@ -216,6 +228,8 @@ def _dumps_exact(event: dict[str, Any]) -> bytes:
         return text.encode()
     except (ValueError, UnicodeEncodeError) as exc:
         raise InvalidEvent(f"cannot encode the event as UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent("cannot encode the event as JSON: nested too deeply") from None
 
 
 def open_source(path: str) -> IO[bytes]:

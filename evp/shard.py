@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from evp import protocol, records
+from evp import events, protocol, records
 from evp.client import ClientError, Consumer, Producer, ServerError
 from evp.context import Context, Keyed, ShardInfo
 from evp.crashes import CrashTable, InProgress, describe_exit
@@ -282,7 +283,7 @@ class Shard:
                 timestamp_us=record.timestamp_us,
                 logger=self.handler_logger,
             )
-        event = orjson.loads(record.value)
+        event = events.loads_event(record.value)
         in_progress = self.in_progress
         if not handler.is_async:
             # A synchronous call cannot interleave with another call, so it takes no lock.
@@ -431,7 +432,7 @@ class Shard:
                     f"handler returned a {type(item).__name__}; return None, an event "
                     f"(dict), a Keyed event or a list of these"
                 )
-            value = orjson.dumps(item)
+            value = events.dumps_event(item)
             if self.config.output_topic is not None and limit and len(value) > limit:
                 raise ValueError(
                     f"handler returned an event of {len(value)} bytes, over the queue's "
@@ -467,8 +468,22 @@ class Shard:
     ) -> None:
         assert self.producer is not None
         self.failed += 1
+        try:
+            event = events.loads_event(record.value)
+        except events.InvalidEvent as exc:
+            # The queue checked the event when it stored it, so this is a bug or a
+            # damaged record; the dead letter still goes out, with an empty event.
+            logger.error(
+                "cannot decode the event at topic=%s partition=%d offset=%d for its dead "
+                "letter: %s",
+                self.config.topic,
+                partition,
+                record.offset,
+                exc,
+            )
+            event = {}
         letter = DeadLetter(
-            event=orjson.loads(record.value),
+            event=event if isinstance(event, dict) else {},
             error=error,
             frame=frame,
             deliveries=deliveries,
@@ -478,7 +493,19 @@ class Shard:
             group=self.config.group,
             failed_at=utc_now(),
         )
-        value = orjson.dumps(letter.to_event())
+        try:
+            value = events.dumps_event(letter.to_event())
+        except events.InvalidEvent as exc:
+            logger.error(
+                "cannot encode the dead letter of topic=%s partition=%d offset=%d: %s; "
+                "publishing it with an empty event",
+                self.config.topic,
+                partition,
+                record.offset,
+                exc,
+            )
+            letter = dataclasses.replace(letter, event={})
+            value = events.dumps_event(letter.to_event())
         limit = self.producer.max_event_bytes
         if limit and len(value) > limit:
             # NOTE: the event itself stays readable in the input topic's log at this
@@ -492,8 +519,8 @@ class Shard:
                 len(value),
                 limit,
             )
-            letter = DeadLetter(**{**letter.to_event(), "event": {}})
-            value = orjson.dumps(letter.to_event())
+            letter = dataclasses.replace(letter, event={})
+            value = events.dumps_event(letter.to_event())
         logger.error(
             "handler failed %d times on topic=%s partition=%d offset=%d key=%r; "
             "dead-lettered to topic=%s: %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import re
 import signal
@@ -586,3 +587,45 @@ def test_builtin_print_passes_events(evp, tmp_path):
         assert line["topic"] == "events"
         assert (line["partition"], line["offset"]) == (row["partition"], row["offset"])
         assert line["key"] == row["event"]["user"]
+
+
+# Events the queue accepts but orjson alone cannot read or write.
+
+
+@pytest.mark.timeout(120)
+def test_unusual_json_handled_and_dead_lettered(evp, tmp_path):
+    big = 10**400 + 7
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    lines = [
+        b'{"id":"big","user":"u-1","n":' + str(big).encode() + b"}",
+        orjson.dumps({"id": "deep", "user": "u-2", "fail": True}).replace(
+            b"}", b',"deep":' + b"[" * 300 + b"]" * 300 + b"}"
+        ),
+        *(orjson.dumps({"id": f"plain-{number}", "user": f"u-{number % 3}"}) for number in range(6)),
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    _, address = evp.queue(None, None, "--partitions", "2")
+    output = tmp_path / "out"
+    start_processor(
+        evp, address, "odd", "--output", str(output), "--max-retries", "1",
+        "--handler", f"{HANDLERS}:fail_marked",
+    )
+    publish_events(evp, address, path)
+    wait_for_lag_zero(address, "events")
+
+    # The standard library reads the integer exactly; orjson would not read it at all.
+    rows = {}
+    for file in output.glob("*.jsonl"):
+        for line in file.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["event"]["id"]] = row["event"]
+    assert set(rows) == {"big", *(f"plain-{number}" for number in range(6))}
+    assert rows["big"]["n"] == big
+    letters = read_dead_letters(evp, address, tmp_path, 1)
+    letter = DeadLetter.from_event(letters[0]["event"])
+    assert letter.event["id"] == "deep"
+    assert letter.deliveries == 2
+    assert "marked to fail" in letter.error
