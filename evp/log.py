@@ -587,8 +587,11 @@ class PartitionLog:
                 # An index entry at the resume point lets reads reach the records after
                 # the damage without skipping through it by its length fields.
                 index.next_entry_position = resume_position
+                # The records after the damage stay out of the producer state: a
+                # batch torn by it was never acknowledged, and its resend must be
+                # stored again, not skipped as already stored.
                 result = _scan_segment(
-                    fd, size_bytes, resume_offset, True, index, self.producers, start=resume_position
+                    fd, size_bytes, resume_offset, True, index, start=resume_position
                 )
             if result.valid_bytes < size_bytes:
                 logger.warning(

@@ -255,3 +255,30 @@ def test_publisher_resends_through_queue_kills(evp, tmp_path):
     processed = output_ids(output)
     assert set(processed) == set(ids)
     print(f"processed={len(processed)} processing_duplicates={len(processed) - len(set(processed))}")
+
+
+def test_resend_after_recovered_hole_stored(evp, tmp_path):
+    """A batch whose first page never reached the disk is not counted as stored."""
+    data_dir = tmp_path / "data"
+    queue, address = evp.queue(data_dir, None, "--partitions", "1", "--fsync", "always")
+    port = int(address.rsplit(":", 1)[1])
+    asyncio.run(NumberedPublisher(address).send([(1, 10)]))
+    segment = next((data_dir / "topics" / "events").glob("*/*.log"))
+    first_batch_end = segment.stat().st_size
+    asyncio.run(NumberedPublisher(address).send([(11, 100)]))
+    os.kill(queue.pid, signal.SIGKILL)
+    assert queue.wait(timeout=10) == -signal.SIGKILL
+    # Pages written out of order by a power loss: the one that starts the second
+    # batch is zeros, the later ones arrived.
+    data = bytearray(segment.read_bytes())
+    page_end = (first_batch_end // 4096 + 1) * 4096
+    data[first_batch_end:page_end] = bytes(page_end - first_batch_end)
+    segment.write_bytes(bytes(data))
+
+    _, address = evp.queue(data_dir, port, "--partitions", "1", "--fsync", "always")
+    replies = asyncio.run(NumberedPublisher(address).send([(11, 100)]))
+    assert isinstance(replies[0], protocol.Published)
+    stats = topic_stats(address)
+    assert stats["duplicates_dropped"] == 0
+    # The resend is stored again after the records that survived the damage.
+    assert stats["events"] == 210
