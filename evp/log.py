@@ -636,6 +636,11 @@ class PartitionLog:
             self._unsynced_directories[self.directory] = None
         return segment
 
+    @property
+    def failed(self) -> bool:
+        """Whether a failed write or fsync has stopped appends (see ``check_writable``)."""
+        return self._append_error is not None
+
     def check_writable(self) -> None:
         """Raise OSError (EIO) if a failed write or fsync has stopped appends."""
         self._check_open()

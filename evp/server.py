@@ -35,7 +35,7 @@ from typing import Any
 
 from evp import __version__, admin, events, hashing, protocol, retention
 from evp.groups import Group, Member
-from evp.log import OffsetOutOfRange
+from evp.log import OffsetOutOfRange, PartitionLog
 from evp.metrics import LatencyHistogram
 from evp.telemetry import SnapshotCollector, Telemetry
 from evp.records import MAX_KEY_BYTES
@@ -202,8 +202,8 @@ class QueueServer:
             except events.InvalidEvent as exc:
                 raise InvalidEvent(f"event {index} is invalid: {exc}") from None
 
-    def publish(self, frame: protocol.Publish, producer: int = 0) -> list[int]:
-        """Validate, route and append one batch. Returns the partitions written.
+    def publish(self, frame: protocol.Publish, producer: int = 0) -> list[PartitionLog]:
+        """Validate, route and append one batch. Returns the logs of its partitions.
 
         With a `producer` id, entry i carries sequence number ``frame.seq + i`` and an
         entry at or below the last sequence its partition stored for that producer is
@@ -231,12 +231,14 @@ class QueueServer:
                 batch[1].append(sequence)
             sequence += 1
         written: list[int] = []
+        touched: list[PartitionLog] = []
         # When the disk fails part-way, the partitions before the failure keep their
         # events while the batch is reported as not stored. The producer sends it again
         # and, with a producer id, those partitions skip what they already hold.
         try:
             for partition, (entries, sequences) in by_partition.items():
                 log = topic.logs[partition]
+                touched.append(log)
                 if producer:
                     # A resend is acknowledged only by a log that can still store it.
                     log.check_writable()
@@ -259,17 +261,23 @@ class QueueServer:
                 for (topic_name, _), group in self.groups.items():
                     if topic_name == frame.topic:
                         group.on_append(written)
-        return written
+        return touched
 
-    def request_sync(self, connection: ServerConnection, seq: int, count: int) -> None:
-        self._sync_waiters.append((connection, seq, count))
+    def request_sync(
+        self, connection: ServerConnection, seq: int, count: int, logs: list[PartitionLog]
+    ) -> None:
+        """Acknowledge batch `seq` after the next fsync round, unless one of `logs` (the
+        partitions the batch was written to or found in) has failed by then."""
+        self._sync_waiters.append((connection, seq, count, logs))
         self._sync_wakeup.set()
 
     async def _group_commit(self) -> None:
         """Under `--fsync always`, fsync dirty logs and then acknowledge the waiters.
 
         A failed fsync means the batches may not be on disk, so their publishers get a
-        storage error instead of an acknowledgement and send them again.
+        storage error instead of an acknowledgement and send them again. A failed log
+        stays failed, which also covers a batch written just before a failing fsync
+        and synced, apparently with success, in a later round.
         """
         while True:
             await self._sync_wakeup.wait()
@@ -277,22 +285,33 @@ class QueueServer:
             waiters, self._sync_waiters = self._sync_waiters, []
             try:
                 await asyncio.to_thread(self._sync_logs, self._dirty_logs())
-            except Exception as exc:  # the task must outlive any failure
-                logger.error("fsync failed; %d batches not acknowledged: %s", len(waiters), exc)
-                for connection, seq, _ in waiters:
-                    connection.send_error(
-                        "storage_error",
-                        f"the queue could not fsync the batch ({exc}); retry later",
-                        seq=seq,
-                        fatal=False,
-                    )
-                continue
-            for connection, seq, count in waiters:
-                connection.send(protocol.encode(protocol.Published(seq, count)))
+            except Exception:  # the task must outlive any failure
+                logger.exception("the fsync round failed; its batches are checked one by one")
+            for connection, seq, count, logs in waiters:
+                failed = next((log for log in logs if log.failed), None)
+                if failed is None:
+                    connection.send(protocol.encode(protocol.Published(seq, count)))
+                    continue
+                connection.send_error(
+                    "storage_error",
+                    f"the queue could not fsync the batch (partition {failed.name} failed); "
+                    f"it was not acknowledged, retry later",
+                    seq=seq,
+                    fatal=False,
+                )
 
     def _dirty_logs(self) -> list[Any]:
-        """List the logs with unsynced appends; call it on the event loop's thread."""
-        return [log for topic in self.store.topics.values() for log in topic.logs if log.dirty]
+        """List the logs with unsynced appends; call it on the event loop's thread.
+
+        A failed log is left out: nothing it holds can be acknowledged any more, and
+        fsyncing it again each round would only repeat its error.
+        """
+        return [
+            log
+            for topic in self.store.topics.values()
+            for log in topic.logs
+            if log.dirty and not log.failed
+        ]
 
     @staticmethod
     def _sync_logs(logs: list[Any]) -> None:
@@ -302,6 +321,9 @@ class QueueServer:
             except ValueError:
                 # The log was closed, e.g. its topic deleted, after the list was made.
                 continue
+            except OSError as exc:
+                # The log marked itself failed and logged why; the others still sync.
+                logger.error("fsync of partition %s failed: %s", log.name, exc)
 
     async def _periodic_sync(self) -> None:
         interval = self.config.fsync_interval_ms / 1000
@@ -861,7 +883,7 @@ class ServerConnection(asyncio.Protocol):
     def _publish(self, frame: protocol.Publish) -> None:
         server = self.server
         try:
-            server.publish(frame, self.producer)
+            logs = server.publish(frame, self.producer)
         except InvalidEvent as exc:
             self.send_error("invalid_event", str(exc), seq=frame.seq, fatal=False)
             return
@@ -885,7 +907,7 @@ class ServerConnection(asyncio.Protocol):
             logger.exception("offset out of range while publishing: %s", exc)
             raise
         if server.config.fsync == "always":
-            server.request_sync(self, frame.seq, len(frame.entries))
+            server.request_sync(self, frame.seq, len(frame.entries), logs)
         else:
             self.send(protocol.encode(protocol.Published(frame.seq, len(frame.entries))))
 
