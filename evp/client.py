@@ -711,6 +711,18 @@ class Consumer:
     def _unfinished(self) -> bool:
         return self.has_unfinished is not None and self.has_unfinished()
 
+    def session_open(self, epoch: int) -> bool:
+        """Return True while the connection of `epoch` is the current one and open.
+
+        Work started on a connection that is gone is delivered again by the queue,
+        possibly to another member, so it should stop.
+        """
+        return (
+            epoch == self._epoch
+            and self._connection is not None
+            and not self._connection.is_closed
+        )
+
     def superseded(self) -> bool:
         """Return True when the batch being processed came on a connection now closed."""
         return self._processing_epoch != self._epoch or (

@@ -53,8 +53,10 @@ class InProgress:
         self.array[1] = offset
         self.array[0] = partition
 
-    def clear(self) -> None:
-        self.array[0] = _EMPTY
+    def clear(self, partition: int, offset: int) -> None:
+        """Clear the slot if it still holds this event, not one a later call set."""
+        if self.array[0] == partition and self.array[1] == offset:
+            self.array[0] = _EMPTY
 
     def take(self) -> tuple[int, int] | None:
         """Return and clear the (partition, offset) in progress, or None."""

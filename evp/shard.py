@@ -293,9 +293,12 @@ class Shard:
                 result = handler.call(event, context)
             finally:
                 if in_progress is not None:
-                    in_progress.clear()
+                    in_progress.clear(partition, record.offset)
             if not inspect.isawaitable(result):
                 return result
+            # A plain function that returns a coroutine (an async function behind a
+            # decorator): from now on it is called under the lock, like an async one.
+            handler.is_async = True
             handler_call = result
         else:
             handler_call = None
@@ -310,7 +313,7 @@ class Shard:
                 return await handler_call
             finally:
                 if in_progress is not None:
-                    in_progress.clear()
+                    in_progress.clear(partition, record.offset)
 
     def _on_failure(
         self,
@@ -377,7 +380,9 @@ class Shard:
             if record is None:
                 return
             await asyncio.sleep(retry_delay_s(attempt - 1))
-            if epoch != self.consumer.epoch:
+            if not self.consumer.session_open(epoch):
+                # The queue delivers the event again once the connection is back, so a
+                # retry now would only call the handler once more than --max-retries.
                 return
             if not await self._attempt(partition, record, attempt, epoch):
                 attempt += 1
@@ -386,6 +391,8 @@ class Shard:
             released = not work.pop_head(key)
             # The key's later events, in order, until one fails or none are left.
             while not released:
+                if not self.consumer.session_open(epoch):
+                    return
                 record = work.head(key)
                 assert record is not None
                 if not await self._attempt(partition, record, 1, epoch):
@@ -619,8 +626,17 @@ class Shard:
             try:
                 await self.producer.start()
                 return
-            except ServerError:
-                raise
+            except ServerError as exc:
+                # A wrong token or version stays wrong; a full queue frees up.
+                if exc.code != "too_many_connections":
+                    raise
+                logger.warning(
+                    "member=%s cannot connect its producer: %s; retrying in %.0f s",
+                    self.member,
+                    exc,
+                    PRODUCER_RECONNECT_S,
+                )
+                await asyncio.sleep(PRODUCER_RECONNECT_S)
             except ClientError as exc:
                 logger.warning(
                     "member=%s cannot connect its producer: %s; retrying in %.0f s",

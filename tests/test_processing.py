@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -629,3 +630,27 @@ def test_unusual_json_handled_and_dead_lettered(evp, tmp_path):
     assert letter.event["id"] == "deep"
     assert letter.deliveries == 2
     assert "marked to fail" in letter.error
+
+
+@pytest.mark.timeout(120)
+def test_shard_waits_out_connection_limit(evp, tmp_path):
+    """A shard refused by --max-connections at start retries instead of giving up."""
+    _, address = evp.queue(None, None, "--max-connections", "3", "--partitions", "2")
+    host, port = address.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+    try:
+        process = evp.start(
+            "process", "--queue", address, "--shards", "1", "--node", "limited",
+            "--output-topic", "copies", log_name="limited",
+        )
+        wait_until(
+            lambda: "too_many_connections" in evp.log("limited"),
+            START_TIMEOUT_S,
+            message="the shard never met the connection limit",
+        )
+    finally:
+        for connection in idle:
+            connection.close()
+    # One shard needs two connections (its consumer and its producer), the check a third.
+    wait_for_node(evp, process, "limited", address, "limited", 1, timeout_s=START_TIMEOUT_S)
+    assert process.poll() is None
