@@ -626,18 +626,10 @@ class Shard:
             try:
                 await self.producer.start()
                 return
-            except ServerError as exc:
-                # A wrong token or version stays wrong; a full queue frees up.
-                if exc.code != "too_many_connections":
-                    raise
-                logger.warning(
-                    "member=%s cannot connect its producer: %s; retrying in %.0f s",
-                    self.member,
-                    exc,
-                    PRODUCER_RECONNECT_S,
-                )
-                await asyncio.sleep(PRODUCER_RECONNECT_S)
             except ClientError as exc:
+                # A wrong token or version stays wrong; a full queue frees up.
+                if isinstance(exc, ServerError) and exc.code != "too_many_connections":
+                    raise
                 logger.warning(
                     "member=%s cannot connect its producer: %s; retrying in %.0f s",
                     self.member,
