@@ -567,6 +567,10 @@ class Consumer:
         self._left = asyncio.Event()
         self._stopped = False
         self.fatal_error: ServerError | None = None
+        # Set while the queue rejects this member id as in use by a live connection;
+        # monotonic time of the first rejection in a row.
+        self._in_use: ServerError | None = None
+        self._in_use_since: float | None = None
         # Next offset to acknowledge per partition, sent by _flush_acks.
         self._pending_acks: dict[int, int] = {}
 
@@ -575,6 +579,7 @@ class Consumer:
             self._frames.append((self._epoch, frame))
             self._frame_ready.set()
         elif isinstance(frame, protocol.Assigned):
+            self._in_use_since = None
             self.partitions = list(frame.partitions)
             self.generation = frame.generation
             logger.info(
@@ -590,6 +595,8 @@ class Consumer:
             logger.error("the queue reported an error to member=%s: %s", self.member, frame.message)
             if frame.fatal and frame.code in ("authentication_failed", "invalid_name", "invalid_member"):
                 self.fatal_error = ServerError(frame.code, frame.message)
+            elif frame.code == "member_id_in_use":
+                self._in_use = ServerError(frame.code, frame.message)
         elif isinstance(frame, protocol.Pong):
             pass
 
@@ -597,7 +604,8 @@ class Consumer:
         """Connect, join and process until `stop` or `leave` completes.
 
         Reconnects after a lost connection. Raises ServerError when the queue rejects
-        the member for good: wrong token, invalid names, or its id in use.
+        the member for good: wrong token, invalid names, or its id still in use by a live
+        connection after the session timeout.
         """
         worker = asyncio.create_task(self._work())
         try:
@@ -641,12 +649,40 @@ class Consumer:
             self.partitions = []
             if self.fatal_error is not None:
                 raise self.fatal_error
+            if self._in_use is not None:
+                await self._wait_for_member_id(
+                    self._in_use,
+                    welcome.session_timeout_ms / 1000,
+                    welcome.heartbeat_interval_ms / 1000,
+                )
+                self._in_use = None
+                continue
             if self._stopped or self._left.is_set() or self._leaving:
                 # A member that asked to leave does not come back: its unacknowledged
                 # events go to the other members.
                 return
             self.reconnects += 1
             logger.warning("member=%s lost its connection to the queue; reconnecting", self.member)
+
+    async def _wait_for_member_id(self, error: ServerError, timeout_s: float, delay_s: float) -> None:
+        """Wait one heartbeat interval before joining again under an id in use.
+
+        The id's old connection may be one the queue has not yet noticed is dead, for
+        example after a network failure; the queue frees the id once that connection
+        misses three heartbeats. An id still in use after the session timeout belongs
+        to another live processor, and ServerError is raised.
+        """
+        now = time.monotonic()
+        if self._in_use_since is None:
+            self._in_use_since = now
+        if now - self._in_use_since > timeout_s:
+            raise error
+        logger.warning(
+            "member=%s: its id is in use by a live connection; joining again in %.1f s",
+            self.member,
+            delay_s,
+        )
+        await asyncio.sleep(delay_s)
 
     async def _heartbeat(self, connection: FrameConnection) -> None:
         nonce = 0

@@ -66,13 +66,21 @@ def test_duplicate_node_rejected_clearly(evp, tmp_path):
     evp.start("process", "--queue", address, "--shards", "2", "--node", "same", log_name="first")
     wait_until(lambda: snapshot(address)["groups"] and len(group_of(address)["members"]) == 2, timeout_s=60)
     generation = group_of(address)["generation"]
-    evp.start("process", "--queue", address, "--shards", "2", "--node", "same", log_name="second")
+    second = evp.start(
+        "process", "--queue", address, "--shards", "2", "--node", "same", log_name="second"
+    )
     wait_until(lambda: "is in use by a live connection" in evp.log("second"), timeout_s=30)
     time.sleep(2)
     group = group_of(address)
     assert sorted(m["id"] for m in group["members"]) == ["same/shard-0", "same/shard-1"]
     assert group["generation"] == generation
-    assert "give each processor on one host its own --node" in evp.log("second")
+    # The second processor gives up after the session timeout (10 s), trying about
+    # once per heartbeat interval rather than in a tight loop, and exits non-zero.
+    assert second.wait(timeout=60) == 1
+    log = evp.log("second")
+    assert "give each processor on one host its own --node" in log
+    attempts = log.count("the queue reported an error to member=same/shard-0")
+    assert 2 <= attempts <= 15, attempts
 
 
 @pytest.mark.timeout(60)
