@@ -212,7 +212,14 @@ class Supervisor:
         def request_stop(signum: int, _frame: Any) -> None:
             if not self.stopping:
                 logger.info("received %s; draining shards", signal.Signals(signum).name)
-            self.stopping = True
+                self.stopping = True
+                return
+            # A second Ctrl-C or SIGTERM: a second SIGTERM makes each shard stop at once.
+            logger.warning("received %s again; stopping shards without draining", signal.Signals(signum).name)
+            for slot in self.slots:
+                if slot.process is not None and slot.process.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.process.pid, signal.SIGTERM)
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)

@@ -644,15 +644,19 @@ class Shard:
         draining = asyncio.Event()
 
         def on_signal() -> None:
-            # The first signal drains; a second one (or the kernel's SIGTERM when the
-            # supervisor dies during a drain) disconnects at once.
+            # The first SIGTERM drains; a second one (from the supervisor on a second
+            # Ctrl-C, or the kernel's when the supervisor dies during a drain)
+            # disconnects at once.
             if draining.is_set():
                 logger.warning("member=%s stopping without finishing its drain", self.member)
                 self.consumer.stop()
             draining.set()
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal)
+        # Ctrl-C in a terminal reaches every process of the group. The supervisor turns
+        # it into one SIGTERM per shard, so a shard that also acted on the SIGINT would
+        # count two signals and skip its drain.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        loop.add_signal_handler(signal.SIGTERM, on_signal)
         drain_wait = asyncio.create_task(draining.wait())
         try:
             if self.handler is not None:

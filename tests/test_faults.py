@@ -79,9 +79,13 @@ def group_snapshot(address: str) -> dict[str, Any] | None:
 
 
 def start_processor(
-    evp: Any, address: str, output: Path, shards: int, node: str, *extra: str
+    evp: Any, address: str, output: Path, shards: int, node: str, *extra: str,
+    new_session: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start `evp process` and wait until its shards are members of the group."""
+    """Start `evp process` and wait until its shards are members of the group.
+
+    With `new_session`, it leads a process group of its own, as in a terminal.
+    """
     process = evp.start(
         "process",
         "--queue", address,
@@ -90,6 +94,7 @@ def start_processor(
         "--node", node,
         *extra,
         log_name=f"process-{node}",
+        start_new_session=new_session,
     )
     wait_for_node(evp, process, f"process-{node}", address, node, shards, timeout_s=START_TIMEOUT_S)
     return process
@@ -446,7 +451,8 @@ DRAIN_TIMEOUT_S = 15.0
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_drains_processor(evp, tmp_path):
+@pytest.mark.parametrize("stop_with", ["sigterm", "ctrl_c"])
+def test_sigterm_drains_processor(evp, tmp_path, stop_with):
     ids = write_events(tmp_path / "input.jsonl", 600, "drain")
     _, address = evp.queue(tmp_path / "data")
     first_output = tmp_path / "out-first"
@@ -459,6 +465,7 @@ def test_sigterm_drains_processor(evp, tmp_path):
         "--handler", f"{HANDLERS}:slow",
         "--max-in-flight", "50",
         "--drain-timeout", str(DRAIN_TIMEOUT_S),
+        new_session=True,
     )
     publish_file(evp, address, tmp_path / "input.jsonl")
 
@@ -467,11 +474,16 @@ def test_sigterm_drains_processor(evp, tmp_path):
         return group["acked"] > 0 and group["lag"] > 0
 
     wait_until(flowing, 30, interval_s=0.05, message="events did not start flowing")
-    processor.send_signal(signal.SIGTERM)
+    if stop_with == "sigterm":
+        processor.send_signal(signal.SIGTERM)
+    else:
+        # A terminal's Ctrl-C: SIGINT to every process of the group, shards included.
+        os.killpg(processor.pid, signal.SIGINT)
     assert processor.wait(timeout=DRAIN_TIMEOUT_S) == 0
     log = evp.log("process-first")
     assert "did not drain" not in log
     assert "killing pid" not in log
+    assert "without finishing its drain" not in log
 
     group = group_snapshot(address)
     assert group["members"] == []
