@@ -16,10 +16,10 @@ its own file.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -66,28 +66,36 @@ class Count:
         try:
             self.interval_s = float(interval)
         except ValueError:
+            self.interval_s = 0.0
+        if not self.interval_s > 0:
             raise ValueError(
-                f"invalid interval {interval!r}: give a number of seconds, e.g. interval=10"
-            ) from None
+                f"invalid interval {interval!r}: give a number of seconds above 0, "
+                f"e.g. interval=10"
+            )
         self.path_template = path
         self.counts: collections.Counter[str] = collections.Counter()
         self.total = 0
-        self._logged_at = time.monotonic()
+        self._logged_total = 0
         self._logger: Any = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def setup(self, shard: ShardInfo) -> None:
         self._logger = shard.logger
+        # setup runs on the shard's event loop, so a timer logs even when events stop.
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
 
     def handle(self, event: dict[str, Any], context: Context) -> None:
         self.counts[context.key] += 1
         self.total += 1
-        now = time.monotonic()
-        if now - self._logged_at >= self.interval_s:
-            self._logged_at = now
-            self._log()
         return None
 
+    def _tick(self) -> None:
+        if self.total != self._logged_total:
+            self._log()
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
+
     def _log(self) -> None:
+        self._logged_total = self.total
         if self._logger is None:
             return
         top = ", ".join(f"{key}={count}" for key, count in self.counts.most_common(TOP_KEYS_LOGGED))
@@ -96,6 +104,8 @@ class Count:
         )
 
     def teardown(self, shard: ShardInfo) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._log()
         if self.path_template is None:
             return

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -654,3 +655,24 @@ def test_shard_waits_out_connection_limit(evp, tmp_path):
     # One shard needs two connections (its consumer and its producer), the check a third.
     wait_for_node(evp, process, "limited", address, "limited", 1, timeout_s=START_TIMEOUT_S)
     assert process.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_count_builtin_logs_after_burst(evp, tmp_path):
+    """evp:count logs its totals every interval, also once events stop arriving."""
+    _, address = evp.queue(None, None, "--partitions", "1")
+    process = start_processor(
+        evp, address, "counter", "--handler", "evp:count", "--handler-arg", "interval=0.5"
+    )
+    events = [{"id": f"e-{number}", "user": "u-1"} for number in range(5)]
+    publish_events(evp, address, write_lines(tmp_path / "events.jsonl", events))
+    wait_until(
+        lambda: "count total=5 " in evp.log("counter"),
+        START_TIMEOUT_S,
+        message="evp:count logged no total while running",
+    )
+    assert process.poll() is None
+    # Nothing new arrives, so nothing more is logged until the shard stops.
+    lines = evp.log("counter").count("count total=")
+    time.sleep(1.5)
+    assert evp.log("counter").count("count total=") == lines
