@@ -112,7 +112,14 @@ def to_cloudevent(
     a key field of the wrong type.
     """
     if is_cloudevent(event):
-        return extract_key(event, paths), dumps_event(event)
+        try:
+            key = extract_key(event, paths)
+        except MissingKey:
+            # Published as it is, keyed like a wrapped event without a key: by its id.
+            if "id" not in event:
+                raise
+            key = _key_bytes(event["id"], ["id"])
+        return key, dumps_event(event)
     envelope: dict[str, Any] = {
         "specversion": "1.0",
         "id": str(uuid.uuid4()),

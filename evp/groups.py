@@ -394,12 +394,18 @@ class Group:
                     cursor.blocked = True
                     logger.error(
                         "partition %s/%d is blocked at offset %d: %s; group=%s delivers "
-                        "nothing more from it until the segment is repaired",
+                        "nothing more from it until the segment is restored from a backup, "
+                        "or until `evp replay --topic %s --group %s --partition %d "
+                        "--from-offset N` (with the group's processors stopped) moves it to "
+                        "the first readable offset N after the damage",
                         self.topic.name,
                         partition,
                         cursor.delivered,
                         exc,
                         self.name,
+                        self.topic.name,
+                        self.name,
+                        partition,
                     )
                     continue
                 frames.append(encode_deliver(partition, count, data))

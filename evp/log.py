@@ -572,7 +572,7 @@ class PartitionLog:
                     "log %s: corrupt record in %s at byte %d (offset %d): %s; valid records "
                     "follow from byte %d (offset %d), so the segment is kept whole and offsets "
                     "%d to %d are unreadable; groups stop at offset %d until the segment is "
-                    "repaired",
+                    "restored from a backup or `evp replay --from-offset %d` moves them past it",
                     self.name,
                     path,
                     result.valid_bytes,
@@ -583,6 +583,7 @@ class PartitionLog:
                     result.next_offset,
                     resume_offset - 1,
                     result.next_offset,
+                    resume_offset,
                 )
                 # An index entry at the resume point lets reads reach the records after
                 # the damage without skipping through it by its length fields.

@@ -76,6 +76,13 @@ def test_envelope_fields():
     assert str(2**70).encode() in value
 
 
+def test_existing_cloudevent_without_key_kept_as_is():
+    event = {"specversion": "1.0", "id": "ce-9", "source": "s", "type": "t", "data": {}}
+    key, value = events.to_cloudevent(event, events.key_path("user"), "evp://h/p", "evp.event")
+    assert key == b"ce-9"
+    assert orjson.loads(value) == event
+
+
 # Against a queue.
 
 
