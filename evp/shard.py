@@ -529,8 +529,9 @@ class Shard:
             letter = dataclasses.replace(letter, event={})
             value = events.dumps_event(letter.to_event())
         logger.error(
-            "handler failed %d times on topic=%s partition=%d offset=%d key=%r; "
-            "dead-lettered to topic=%s: %s",
+            "handler failed on delivery %d of topic=%s partition=%d offset=%d key=%r; "
+            "publishing a dead letter to topic=%s (the event is acknowledged once it is "
+            "stored): %s",
             deliveries,
             self.config.topic,
             partition,
