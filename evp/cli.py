@@ -377,7 +377,7 @@ def stats(
 ) -> None:
     """Show the queue's throughput, lag and shards, live."""
     from evp import stats as stats_view
-    from evp.cli_tools import run_async
+    from evp.cli_admin import run_async
 
     run_async(
         lambda: stats_view.watch(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
@@ -32,20 +34,43 @@ JsonOutput = Annotated[
 ]
 
 
-def _request(
-    queue: str, operation: str, args: dict[str, Any], token: str | None, tls_ca: str | None
-) -> Any:
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print `message` as an error on stderr and exit with `code`."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_async(make: Callable[[], Awaitable[T]], queue: str, tls_ca: str | None) -> T:
+    """Run a coroutine on uvloop and turn client errors into a clean exit 2."""
     import uvloop
 
-    from evp.client import ClientError, admin_request, configure_tls, parse_address
+    from evp.client import ClientError, configure_tls, parse_address
 
     try:
         parse_address(queue)
         configure_tls(tls_ca)
-        return uvloop.run(admin_request(queue, operation, args, token=token))
+        return uvloop.run(make())  # type: ignore[arg-type]
     except (ValueError, ClientError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader of stdout has gone, as in `evp tail | head -3`. Stop quietly, and point
+        # stdout at /dev/null so that the flush at exit raises no second BrokenPipeError.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    raise AssertionError("unreachable")
+
+
+def _request(
+    queue: str, operation: str, args: dict[str, Any], token: str | None, tls_ca: str | None
+) -> Any:
+    from evp.client import admin_request
+
+    return run_async(lambda: admin_request(queue, operation, args, token=token), queue, tls_ca)
 
 
 def _print_json(result: Any) -> None:
@@ -166,8 +191,7 @@ def topics_delete(
     """Delete a topic, its events and its groups' positions."""
     if not yes:
         if not sys.stdin.isatty():
-            typer.echo(f"error: deleting topic {name!r} needs confirmation; pass --yes", err=True)
-            raise typer.Exit(2)
+            fail(f"deleting topic {name!r} needs confirmation; pass --yes")
         typer.confirm(f"Delete topic {name!r} with all its events and group positions?", abort=True)
     result = _request(queue, "topics.delete", {"name": name}, token, tls_ca)
     groups = ", ".join(result["groups"]) or "none"

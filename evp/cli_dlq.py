@@ -17,8 +17,17 @@ from rich.console import Console
 from rich.table import Table
 
 from evp import events
-from evp.cli_admin import JsonOutput, QueueAddress, TlsCa, Token, _print_json, _request
-from evp.cli_tools import TopicName, fail, run_async
+from evp.cli_admin import (
+    JsonOutput,
+    QueueAddress,
+    TlsCa,
+    Token,
+    _print_json,
+    _request,
+    fail,
+    run_async,
+)
+from evp.cli_tools import TopicName
 from evp.deadletter import DeadLetter, dlq_topic
 
 dlq_app = typer.Typer(

@@ -2,47 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from evp.cli_admin import JsonOutput, QueueAddress, TlsCa, Token, _print_json, _request
+from evp.cli_admin import (
+    JsonOutput,
+    QueueAddress,
+    TlsCa,
+    Token,
+    _print_json,
+    _request,
+    fail,
+    run_async,
+)
 
 TopicName = Annotated[str, typer.Option("--topic", envvar="EVP_TOPIC", help="Topic name.")]
-
-T = TypeVar("T")
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def run_async(make: Callable[[], Awaitable[T]], queue: str, tls_ca: str | None) -> T:
-    """Run a coroutine on uvloop and turn client errors into a clean exit 2."""
-    import uvloop
-
-    from evp.client import ClientError, configure_tls, parse_address
-
-    try:
-        parse_address(queue)
-        configure_tls(tls_ca)
-        return uvloop.run(make())  # type: ignore[arg-type]
-    except (ValueError, ClientError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # The reader of stdout has gone, as in `evp tail | head -3`. Stop quietly, and point
-        # stdout at /dev/null so that the flush at exit raises no second BrokenPipeError.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
-    raise AssertionError("unreachable")
-
 
 def parse_time(text: str) -> int:
     """Parse an ISO 8601 time into µs since the epoch; a time without offset is UTC."""

@@ -667,10 +667,10 @@ class Consumer:
     async def _wait_for_member_id(self, error: ServerError, timeout_s: float, delay_s: float) -> None:
         """Wait one heartbeat interval before joining again under an id in use.
 
-        The id's old connection may be one the queue has not yet noticed is dead, for
-        example after a network failure; the queue frees the id once that connection
-        misses three heartbeats. An id still in use after the session timeout belongs
-        to another live processor, and ServerError is raised.
+        The id's old connection may be dead without the queue knowing yet, for example
+        after a network failure. The queue frees the id once that connection misses
+        three heartbeats. An id still in use after the session timeout belongs to
+        another live processor, so ServerError is raised.
         """
         now = time.monotonic()
         if self._in_use_since is None:

@@ -54,7 +54,7 @@ class InProgress:
         self.array[0] = partition
 
     def clear(self, partition: int, offset: int) -> None:
-        """Clear the slot if it still holds this event, not one a later call set."""
+        """Clear the slot if it still contains this event, not one a later call set."""
         if self.array[0] == partition and self.array[1] == offset:
             self.array[0] = _EMPTY
 

@@ -106,10 +106,10 @@ def to_cloudevent(
 ) -> tuple[bytes, bytes]:
     """Wrap `event` in a CloudEvents 1.0 envelope; return (key, JSON bytes).
 
-    The envelope's `partitionkey` is the event's key under the usual rules, and is left
-    out when the event has no key; the envelope is then keyed by its unique `id`. An
-    event that already is a CloudEvent is returned unchanged. Raises InvalidEvent for
-    a key field of the wrong type.
+    The envelope's `partitionkey` is the event's key under the usual rules. An event
+    without a key gets no `partitionkey`, and the envelope is keyed by its unique `id`.
+    An event that already is a CloudEvent is returned unchanged, keyed by its own key
+    or else its `id`. Raises InvalidEvent for a key field of the wrong type.
     """
     if is_cloudevent(event):
         try:

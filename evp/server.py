@@ -103,7 +103,7 @@ class InvalidEvent(Exception):
 class StorageErrorLog:
     """Log failed appends at most once per interval, with the count of those not logged.
 
-    A full disk fails every batch of every publisher, hundreds per second.
+    A full disk fails every batch of every publisher, which can be many per second.
     """
 
     interval_s = 5.0
@@ -303,7 +303,7 @@ class QueueServer:
     def _dirty_logs(self) -> list[Any]:
         """List the logs with unsynced appends; call it on the event loop's thread.
 
-        A failed log is left out: nothing it holds can be acknowledged any more, and
+        A failed log is left out, because nothing in it can be acknowledged any more and
         fsyncing it again each round would only repeat its error.
         """
         return [

@@ -226,9 +226,7 @@ class Shard:
         """
         if self.producer is not None and self.producer.unacked:
             return
-        if self.output is not None and self._pending_lines:
-            self.output.write(b"".join(self._pending_lines))
-            self._pending_lines.clear()
+        self._write_pending_lines()
         work.delivered(last_offset)
         self.consumer.ack_progress(partition, work.ack_position())
 
@@ -478,8 +476,8 @@ class Shard:
         try:
             event = events.loads_event(record.value)
         except events.InvalidEvent as exc:
-            # The queue checked the event when it stored it, so this is a bug or a
-            # damaged record; the dead letter still goes out, with an empty event.
+            # The queue checked the event when it stored it, so this means a bug or a
+            # damaged record. The dead letter still goes out, with an empty event.
             logger.error(
                 "cannot decode the event at topic=%s partition=%d offset=%d for its dead "
                 "letter: %s",
@@ -557,6 +555,9 @@ class Shard:
         """Wait until the queue acknowledged every published result and dead letter."""
         if self.producer is not None and self.producer.unacked:
             await self.producer.flush()
+        self._write_pending_lines()
+
+    def _write_pending_lines(self) -> None:
         if self.output is not None and self._pending_lines:
             self.output.write(b"".join(self._pending_lines))
             self._pending_lines.clear()
@@ -645,9 +646,9 @@ class Shard:
         draining = asyncio.Event()
 
         def on_signal() -> None:
-            # The first SIGTERM drains; a second one (from the supervisor on a second
-            # Ctrl-C, or the kernel's when the supervisor dies during a drain)
-            # disconnects at once.
+            # The first SIGTERM drains and a second one disconnects at once. The second
+            # comes from the supervisor on a second Ctrl-C, or from the kernel when the
+            # supervisor dies during a drain.
             if draining.is_set():
                 logger.warning("member=%s stopping without finishing its drain", self.member)
                 self.consumer.stop()

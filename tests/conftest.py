@@ -260,3 +260,9 @@ def background_publish(*args: str) -> Iterator[subprocess.Popen[bytes]]:
         if publisher.poll() is None:
             publisher.kill()
             publisher.wait()
+
+
+def stop_cleanly(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """Send SIGTERM and check that the process exits 0 within `timeout_s`."""
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=timeout_s) == 0

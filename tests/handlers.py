@@ -97,7 +97,7 @@ async def hold_marked(event: dict[str, Any]) -> dict[str, Any]:
     """Pass events, but wait without end on events with a "hold" field.
 
     The field names a file, which the handler creates when it starts waiting, so a
-    test can wait until the shard holds an event it will not finish.
+    test can wait until the shard has an event it will not finish.
     """
     if event.get("hold"):
         Path(event["hold"]).touch()

@@ -586,7 +586,7 @@ IN_FLIGHT = 500
 
 
 def write_gated_events(path: Path, count: int, prefix: str, gate: Path) -> list[str]:
-    """Write events that the `gated` handler holds while `gate` exists; return their ids."""
+    """Write events that the `gated` handler waits on while `gate` exists; return their ids."""
     ids = [f"{prefix}-{number:05d}" for number in range(count)]
     with path.open("wb") as file:
         for number, event_id in enumerate(ids):
@@ -713,7 +713,7 @@ def test_loop_block_after_ack(evp, tmp_path, order):
     )
 
 
-# One of two processors stopped with SIGTERM while it holds unprocessed events.
+# One of two processors stopped with SIGTERM while it has fetched, unprocessed events.
 
 
 def output_rows(*directories: Path) -> list[dict[str, Any]]:

@@ -440,7 +440,7 @@ PUBLISH_FRAME_TYPE = 0x10
 
 
 class PublishDelayProxy:
-    """A TCP proxy on 127.0.0.1 in front of the queue that holds PUBLISH frames back.
+    """A TCP proxy on 127.0.0.1 in front of the queue that delays PUBLISH frames.
 
     Each PUBLISH frame from a client waits `delay_s` in the proxy before it goes on to
     the queue, and is dropped if the client's connection closes first, as if it had

@@ -23,7 +23,7 @@ def stored(address: str, topic: str) -> int:
 
 
 # Lines that break a JSON rule: each is skipped with its line number and the rule, and
-# the same rule holds whichever parser reads the line (integers beyond 64 bits make the
+# the same rule applies whichever parser reads the line (integers beyond 64 bits make the
 # publisher use the standard library's parser instead of orjson).
 REJECTED_LINES = {
     2: (b'{"id": "nan", "v": NaN}', "NaN is not valid JSON"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import snapshot, wait_until
+from conftest import snapshot, stop_cleanly, wait_until
 
 HANDLERS = Path(__file__).with_name("handlers.py")
 
@@ -48,11 +48,6 @@ def run_processor(evp, address: str, topic: str, output: Path):
     return process
 
 
-def stop(process) -> None:
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-
-
 def output_offsets(output: Path) -> list[int]:
     offsets = []
     for path in output.glob("shard-*.jsonl"):
@@ -68,7 +63,7 @@ def test_retention_waits_for_groups(evp, tmp_path):
         "--queue", address,
     )
     assert created.returncode == 0, created.stderr.decode()
-    stop(run_processor(evp, address, "short", tmp_path / "out"))
+    stop_cleanly(run_processor(evp, address, "short", tmp_path / "out"))
     publish(evp, address, "short", 300)
     before = describe(evp, address, "short")["partitions"][0]
     assert before["segments"] > 2
@@ -85,7 +80,7 @@ def test_retention_waits_for_groups(evp, tmp_path):
         timeout_s=20,
         message="processed segments were not deleted",
     )
-    stop(processor)
+    stop_cleanly(processor)
     after = describe(evp, address, "short")
     assert after["partitions"][0]["segments"] >= 1
     assert after["partitions"][0]["next_offset"] == 300
@@ -100,7 +95,7 @@ def test_disk_limit_deletes_and_counts(evp, tmp_path):
     )
     created = evp.run("topics", "create", "capped", "--partitions", "1", "--queue", address)
     assert created.returncode == 0, created.stderr.decode()
-    stop(run_processor(evp, address, "capped", tmp_path / "out"))
+    stop_cleanly(run_processor(evp, address, "capped", tmp_path / "out"))
     publish(evp, address, "capped", 600)
 
     described = wait_until(
@@ -120,7 +115,7 @@ def test_disk_limit_deletes_and_counts(evp, tmp_path):
         lambda: [g for g in snapshot(address)["groups"] if g["topic"] == "capped"][0]["lag"] == 0,
         timeout_s=30,
     )
-    stop(processor)
+    stop_cleanly(processor)
     assert output_offsets(tmp_path / "out") == list(range(first, 600))
 
 
@@ -179,7 +174,7 @@ def test_group_commands(evp, tmp_path):
     busy = evp.run("groups", "delete", "g", "--topic", "events", "--queue", address)
     assert busy.returncode == 2
     assert "stop its processors first" in busy.stderr.decode()
-    stop(processor)
+    stop_cleanly(processor)
 
     rows = admin(evp, address, "groups")
     assert [(row["topic"], row["group"], row["members"]) for row in rows] == [("events", "g", [])]
@@ -216,7 +211,7 @@ def test_disk_limit_with_busy_shard(evp, tmp_path):
     assert lost > 0
     member = group()["members"][0]
     assert member["in_flight"] <= member["max_in_flight"]
-    stop(processor)
+    stop_cleanly(processor)
     assert group()["lost_to_retention"] == lost
     processed = {orjson.loads(line)["offset"] for path in output.glob("*.jsonl") for line in path.read_bytes().splitlines()}
     assert len(processed) + lost >= 3000
@@ -229,6 +224,6 @@ def test_topic_delete_refused_while_consumed(evp, tmp_path):
     refused = evp.run("topics", "delete", "inuse", "--yes", "--queue", address)
     assert refused.returncode == 2
     assert "has connected processors" in refused.stderr.decode()
-    stop(processor)
+    stop_cleanly(processor)
     deleted = evp.run("topics", "delete", "inuse", "--yes", "--queue", address)
     assert deleted.returncode == 0, deleted.stderr.decode()

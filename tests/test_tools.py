@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import evp_command, snapshot, wait_until
+from conftest import evp_command, snapshot, stop_cleanly, wait_until
 
 from evp.hashing import partition_for
 
@@ -68,11 +68,6 @@ def start_processor(evp, address: str, topic: str, output: Path, node: str = "t"
     return process
 
 
-def stop(process) -> None:
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-
-
 def output_rows(output: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(output.glob("shard-*.jsonl")):
@@ -88,7 +83,7 @@ def process_until(evp, address: str, topic: str, output: Path, count: int) -> li
         lambda: all(g["lag"] == 0 for g in snapshot(address)["groups"] if g["topic"] == topic),
         timeout_s=30,
     )
-    stop(processor)
+    stop_cleanly(processor)
     return output_rows(output)
 
 
@@ -137,7 +132,7 @@ def test_replay_rejected_while_processing(evp, tmp_path):
     message = failure_message(refused)
     assert "group 'g'" in message
     assert "busy/shard-0" in message
-    stop(processor)
+    stop_cleanly(processor)
     allowed = evp.run("replay", "--topic", "events", "--group", "g", "--from-start", "--queue", address)
     ok(allowed)
 
@@ -380,7 +375,7 @@ def test_route_matches_processing_shard(evp, tmp_path):
         text = ok(evp.run("route", key, "--topic", "events", "--queue", address))
         assert f"partition {routed['partition']} of 8" in text
         assert f"group g: {owner}" in text
-    stop(processor)
+    stop_cleanly(processor)
     stopped = ok(evp.run("route", "user-0", "--topic", "events", "--queue", address))
     assert "no member owns it now" in stopped
 
