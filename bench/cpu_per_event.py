@@ -36,12 +36,12 @@ def process_cpu_s(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def measure(rate: float, events: int, shards: int, workdir: Path) -> dict:
+def measure(rate: float, events: int, shards: int, workdir: Path, fsync: str = "batch") -> dict:
     port = free_port()
     address = f"127.0.0.1:{port}"
     queue = evp(
         "queue", "--port", str(port), "--data-dir", str(workdir / "data"),
-        "--log-level", "WARNING", log=workdir / "queue.log",
+        "--fsync", fsync, "--log-level", "WARNING", log=workdir / "queue.log",
     )
     try:
         wait_for_port(port, queue, timeout_s=10)
@@ -96,9 +96,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10_000, help="events/s; 0 is full speed")
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--fsync", default="batch", help="the queue's fsync policy")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="evp-cpu-") as tmp:
-        print(json.dumps(measure(args.rate, args.events, args.shards, Path(tmp))))
+        print(json.dumps(measure(args.rate, args.events, args.shards, Path(tmp), args.fsync)))
 
 
 if __name__ == "__main__":

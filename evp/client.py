@@ -379,6 +379,11 @@ class Producer:
         finally:
             await self.close()
 
+    @property
+    def has_capacity(self) -> bool:
+        """False while too many events are unacknowledged; see `wait_for_capacity`."""
+        return self._capacity.is_set()
+
     async def wait_for_capacity(self) -> None:
         """Wait while too many events are unacknowledged (backpressure from the queue)."""
         await self._capacity.wait()

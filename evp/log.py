@@ -438,7 +438,7 @@ class PartitionLog:
         # The tail: parallel lists of batch base offsets and (bytes, record ends), live
         # from _tail_head on. Evicted entries are set to None and compacted in bulk.
         self._tail_bases: list[int] = []
-        self._tail_batches: list[tuple[bytes, list[int]] | None] = []
+        self._tail_batches: list[tuple[bytes, tuple[int, ...]] | None] = []
         self._tail_head = 0
         self._tail_size_bytes = 0
 
@@ -717,9 +717,12 @@ class PartitionLog:
                 logger.error("%s", self._append_error)
             raise
 
-    def _add_to_tail(self, base_offset: int, data: bytes, ends: list[int]) -> None:
+    def _add_to_tail(self, base_offset: int, data: bytes, ends: Sequence[int]) -> None:
         self._tail_bases.append(base_offset)
-        self._tail_batches.append((data, ends))
+        # A tuple of ints, unlike a list, is untracked by the garbage collector after
+        # its first collection, so the many small batches of a slow publisher do not
+        # lengthen full collections.
+        self._tail_batches.append((data, tuple(ends)))
         self._tail_size_bytes += len(data)
         batches = self._tail_batches
         head = self._tail_head

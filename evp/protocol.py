@@ -472,8 +472,18 @@ def _parse_fixed(frame_type: FrameType, payload: bytes, layout: struct.Struct) -
     return layout.unpack(payload)
 
 
+_DELIVER, _ACK, _PUBLISH = int(FrameType.DELIVER), int(FrameType.ACK), int(FrameType.PUBLISH)
+
+
 def parse(frame_type: int, payload: bytes) -> Frame:
     """Parse one frame's payload. Raises a ProtocolError subclass when it is invalid."""
+    # The frames of the event path first, without building the enum member.
+    if frame_type == _DELIVER:
+        return _parse_deliver(payload)
+    if frame_type == _ACK:
+        return _parse_ack(payload)
+    if frame_type == _PUBLISH:
+        return _parse_publish(payload)
     try:
         kind = FrameType(frame_type)
     except ValueError:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from evp import events
+from evp import events, heap
 from evp.client import Producer
 
 logger = logging.getLogger("evp.publisher")
@@ -230,8 +230,6 @@ async def publish(
             if config.rate > 0:
                 due = int((now - started) * config.rate) + 1 - sent
                 if due <= 0:
-                    # Sleep until the next event is due, but at least one tick, so that
-                    # events due within a tick share a batch.
                     await asyncio.sleep(max(TICK_S, sent / config.rate - (now - started)))
                     continue
                 due = min(due, MAX_EVENTS_PER_STEP)
@@ -273,8 +271,15 @@ async def publish(
                         behind_s,
                         config.rate,
                     )
-            await _wait_or_interrupted(producer.wait_for_capacity(), interrupted)
-            await asyncio.sleep(0)
+            if not producer.has_capacity:
+                await _wait_or_interrupted(producer.wait_for_capacity(), interrupted)
+            elif config.rate > 0:
+                # Sleep until the next event is due, at least one tick, so that events
+                # due within a tick share a batch.
+                wait_s = sent / config.rate - (time.monotonic() - started)
+                await asyncio.sleep(max(TICK_S, wait_s) if wait_s > 0 else 0)
+            else:
+                await asyncio.sleep(0)
         finished_sending = True
         wait_s = INTERRUPTED_ACK_WAIT_S if report.interrupted else ACK_WAIT_S
         if not await _wait_or_interrupted(producer.flush(wait_s), stop_waiting):
@@ -319,4 +324,5 @@ def run(
 ) -> PublishReport:
     import uvloop
 
+    heap.freeze_startup_objects()
     return uvloop.run(publish(config, on_invalid_line, on_progress, handle_signals=True))

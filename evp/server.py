@@ -33,13 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evp import __version__, admin, events, hashing, protocol, retention
+import orjson
+
+from evp import __version__, admin, events, hashing, heap, protocol, retention
 from evp.groups import Group, Member
 from evp.log import OffsetOutOfRange, PartitionLog
 from evp.metrics import LatencyHistogram
 from evp.telemetry import SnapshotCollector, Telemetry
 from evp.records import MAX_KEY_BYTES
-from evp.storage import Retention, Store, StorageError, check_name
+from evp.storage import Retention, Store, StorageError, Topic, check_name
 
 logger = logging.getLogger("evp.server")
 
@@ -55,6 +57,8 @@ WRITE_LOW_WATER_BYTES = 1024 * 1024
 # short fields and a token. Bytes from a peer that has not yet authenticated stay
 # under this bound, not under --max-frame-bytes.
 HELLO_MAX_FRAME_BYTES = 64 * 1024
+# Keys per topic whose partition the queue remembers; past it the table starts over.
+MAX_ROUTES = 100_000
 
 # Connections served at once. Each costs a file descriptor and up to
 # WRITE_HIGH_WATER_BYTES of send buffer, so the default keeps the worst case near
@@ -202,6 +206,42 @@ class QueueServer:
             except events.InvalidEvent as exc:
                 raise InvalidEvent(f"event {index} is invalid: {exc}") from None
 
+    def _route_and_check(self, topic: Topic, entries: list[tuple[bytes, bytes, int]]) -> list[int]:
+        """Return the partition of each entry, or raise InvalidEvent like `validate`.
+
+        One pass does both, and a key seen before skips its checks and its hash:
+        `topic.routes` remembers the partition of up to MAX_ROUTES keys, all valid.
+        Anything unusual (a key not seen before that fails its checks, an event
+        over the size limit, one orjson cannot read or that is not an object) goes
+        to `validate`, which names the first bad event or accepts what orjson alone
+        cannot read, such as integers beyond 64 bits.
+        """
+        limit = self.config.max_event_bytes
+        routes = topic.routes
+        count = topic.partition_count
+        partition_for = hashing.partition_for
+        loads = orjson.loads
+        partitions: list[int] = []
+        append = partitions.append
+        try:
+            for key, value, _ in entries:
+                partition = routes.get(key)
+                if partition is None:
+                    if len(key) > MAX_KEY_BYTES:
+                        raise InvalidEvent("key too long")
+                    key.decode()
+                    partition = partition_for(key, count)
+                    if len(routes) >= MAX_ROUTES:
+                        routes.clear()
+                    routes[key] = partition
+                if len(value) > limit or type(loads(value)) is not dict:
+                    raise InvalidEvent("not an object")
+                append(partition)
+        except (InvalidEvent, UnicodeDecodeError, orjson.JSONDecodeError):
+            self.validate(entries)
+            return [partition_for(key, count) for key, _, _ in entries]
+        return partitions
+
     def publish(self, frame: protocol.Publish, producer: int = 0) -> list[PartitionLog]:
         """Validate, route and append one batch. Returns the logs of its partitions.
 
@@ -213,15 +253,16 @@ class QueueServer:
             check_name("topic", frame.topic)
         except StorageError as exc:
             raise InvalidEvent(str(exc)) from None
-        self.validate(frame.entries)
-        topic = self.store.topic(frame.topic)
-        count = topic.partition_count
+        topic = self.store.topics.get(frame.topic)
+        if topic is None:
+            # A batch the queue rejects must not create its topic.
+            self.validate(frame.entries)
+            topic = self.store.topic(frame.topic)
+        routes = self._route_and_check(topic, frame.entries)
         by_partition: dict[int, tuple[list[tuple[bytes, bytes, int]], list[int]]] = {}
-        partition_for = hashing.partition_for
         count_key = self.telemetry.key_counter(topic).add
         sequence = frame.seq
-        for entry in frame.entries:
-            partition = partition_for(entry[0], count)
+        for entry, partition in zip(frame.entries, routes, strict=True):
             count_key(entry[0], partition)
             batch = by_partition.get(partition)
             if batch is None:
@@ -967,6 +1008,7 @@ async def serve(config: QueueConfig) -> None:
     """Run the queue until SIGINT or SIGTERM."""
     server = QueueServer(config)
     await server.start()
+    heap.freeze_startup_objects()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

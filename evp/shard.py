@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from evp import events, protocol, records
+from evp import events, heap, protocol, records
 from evp.client import ClientError, Consumer, Producer, ServerError
 from evp.context import Context, Keyed, ShardInfo
 from evp.crashes import CrashTable, InProgress, describe_exit
@@ -679,6 +679,7 @@ class Shard:
             logger.error("member=%s stopped: %s", self.member, exc)
             drain_wait.cancel()
             return STARTUP_FAILED
+        heap.freeze_startup_objects()
         consume = asyncio.create_task(self.consumer.run())
         reporter = asyncio.create_task(self._report_periodically())
         exit_code = 0

@@ -118,6 +118,8 @@ class Topic:
         self.bytes_in = 0
         # Events a producer sent again that the log already held, skipped at publish.
         self.duplicates_dropped = 0
+        # The partition of keys published before, which the queue checked already.
+        self.routes: dict[bytes, int] = {}
 
     @property
     def partition_count(self) -> int:

@@ -348,25 +348,40 @@ INVALID_EVENTS = {
 }
 
 
+def assert_second_event_rejected(connection: RawConnection, batch: list, pattern: str) -> None:
+    """Publish `batch` as seq 7 to "rejected", expect its event 1 named in a non-fatal
+    error matching `pattern`, then check one event to "accepted" is acknowledged."""
+    connection.send_frame(protocol.Publish(7, "rejected", batch))
+    error = connection.read_frame()
+    assert isinstance(error, protocol.Error), f"expected an ERROR frame, got {error!r}"
+    assert error.code == "invalid_event", error.message
+    assert error.seq == 7
+    assert error.fatal is False
+    assert "event 1 " in error.message
+    assert pattern in error.message
+    connection.send_frame(protocol.Publish(8, "accepted", [(b"k", VALID_EVENT, 7)]))
+    assert connection.read_frame() == protocol.Published(8, 1)
+
+
+@pytest.mark.parametrize("known_keys", [False, True], ids=["new-topic", "known-keys"])
 @pytest.mark.parametrize("name", list(INVALID_EVENTS))
-def test_invalid_event_rejected(evp, name):
+def test_invalid_event_rejected(evp, name, known_keys):
     (key, value), pattern = INVALID_EVENTS[name]
     # The limit leaves room for DEEP_JSON, which is 10006 bytes.
     process, address = evp.queue(None, None, "--max-event-bytes", "16384")
+    stored = {"accepted": 1}
     with RawConnection(address) as connection:
         connection.handshake()
-        batch = [(b"k0", VALID_EVENT, 1), (key, value, 2), (b"k2", VALID_EVENT, 3)]
-        connection.send_frame(protocol.Publish(7, "rejected", batch))
-        error = connection.read_frame()
-        assert isinstance(error, protocol.Error), f"expected an ERROR frame, got {error!r}"
-        assert error.code == "invalid_event", error.message
-        assert error.seq == 7
-        assert error.fatal is False
-        assert "event 1 " in error.message
-        assert pattern in error.message
-        connection.send_frame(protocol.Publish(8, "accepted", [(b"k", VALID_EVENT, 4)]))
-        assert connection.read_frame() == protocol.Published(8, 1)
-    assert_queue_serves(process, address, {"accepted": 1})
+        if known_keys:
+            # The queue remembers the partition of keys it stored before and skips
+            # their checks, but never the checks of the event itself.
+            known = [(b"k0", VALID_EVENT, 1), (b"k", VALID_EVENT, 2), (b"k2", VALID_EVENT, 3)]
+            connection.send_frame(protocol.Publish(6, "rejected", known))
+            assert connection.read_frame() == protocol.Published(6, 3)
+            stored["rejected"] = 3
+        batch = [(b"k0", VALID_EVENT, 4), (key, value, 5), (b"k2", VALID_EVENT, 6)]
+        assert_second_event_rejected(connection, batch, pattern)
+    assert_queue_serves(process, address, stored)
 
 
 @pytest.mark.parametrize(
