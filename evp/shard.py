@@ -171,6 +171,10 @@ class Shard:
     async def process(self, partition: int, batch: list[records.Record]) -> int | None:
         epoch = self.consumer.epoch
         work = self._work(partition)
+        if self.handler is None and self.output is None and self.producer is None:
+            # Nothing to call or write: the whole batch is done at once.
+            self.emitted += len(batch)
+            return self._finish_batch(work, batch, len(batch))
         last_yield = time.monotonic()
         finished = 0
         # Without a handler nothing fails, so events skip the retry bookkeeping.
@@ -209,6 +213,12 @@ class Shard:
             return None
         await self._flush_outputs()
         # Only now is every event of the batch either done or in `unfinished`.
+        return self._finish_batch(work, batch, finished)
+
+    def _finish_batch(self, work: PartitionWork, batch: list[records.Record], finished: int) -> int | None:
+        """Count a processed batch and return the offset to acknowledge."""
+        if not batch:
+            return None
         work.delivered(batch[-1].offset)
         self.processed += finished
         # Latency from publish to the end of processing. The publisher's clock sets the
