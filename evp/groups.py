@@ -414,7 +414,10 @@ class Group:
                 member.in_flight += count
                 member.delivered_total += count
                 self.delivered_total += count
-                progress = True
+                # Another pass only when this partition has events left, so the usual
+                # dispatch of a few new events looks at each partition once.
+                if count < available:
+                    progress = True
             member._next_index = (member._next_index + 1) % count_partitions
 
     # Introspection.
