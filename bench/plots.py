@@ -85,6 +85,7 @@ def _throughput(systems: dict[str, dict[str, Any]], record: dict[str, Any], path
 
 def _latency_cdf(systems: dict[str, dict[str, Any]], record: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rates = record["workload"]["rates"]
     figure, axes = plt.subplots(2, len(rates), figsize=(max(8.0, 5.2 * len(rates)), 9), squeeze=False)
@@ -114,6 +115,9 @@ def _latency_cdf(systems: dict[str, dict[str, Any]], record: dict[str, Any], pat
         for axis in (top, bottom):
             axis.set_xlabel("latency, publish to processing (ms)")
             axis.grid(True, which="major", alpha=0.3)
+            # A range under one decade would get a label on every minor tick, and the
+            # labels would overlap: label the powers of ten only.
+            axis.xaxis.set_minor_formatter(NullFormatter())
     with_lines = [axis for axis in axes[0] if axis.get_lines()]
     if with_lines:
         with_lines[0].legend(fontsize=8, loc="lower right")
