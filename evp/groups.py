@@ -363,9 +363,12 @@ class Group:
             progress = False
             for step in range(count_partitions):
                 credit = member.max_in_flight - member.in_flight
-                if credit <= 0 or not connection.writable or pending_bytes > MAX_BYTES_PER_DELIVER:
-                    return
                 index = (member._next_index + step) % count_partitions
+                if credit <= 0 or not connection.writable or pending_bytes > MAX_BYTES_PER_DELIVER:
+                    # The next dispatch starts at the first partition not served, so a
+                    # partition with a backlog cannot take all the credit an ACK frees.
+                    member._next_index = index
+                    return
                 partition = partitions[index]
                 cursor = cursors[partition]
                 log = logs[partition]

@@ -58,7 +58,10 @@ WRITE_LOW_WATER_BYTES = 1024 * 1024
 # under this bound, not under --max-frame-bytes.
 HELLO_MAX_FRAME_BYTES = 64 * 1024
 # Keys per topic whose partition the queue remembers; past it the table starts over.
-MAX_ROUTES = 100_000
+# Only keys of up to MAX_ROUTED_KEY_BYTES are remembered, so a topic's table stays
+# under about 10 MB; longer keys are hashed on every publish.
+MAX_ROUTES = 65_536
+MAX_ROUTED_KEY_BYTES = 64
 
 # Connections served at once. Each costs a file descriptor and up to
 # WRITE_HIGH_WATER_BYTES of send buffer, so the default keeps the worst case near
@@ -210,7 +213,8 @@ class QueueServer:
         """Return the partition of each entry, or raise InvalidEvent like `validate`.
 
         One pass does both, and a key seen before skips its checks and its hash:
-        `topic.routes` remembers the partition of up to MAX_ROUTES keys, all valid.
+        `topic.routes` remembers the partition of up to MAX_ROUTES valid keys of at
+        most MAX_ROUTED_KEY_BYTES each.
         Anything unusual (a key not seen before that fails its checks, an event
         over the size limit, one orjson cannot read or that is not an object) goes
         to `validate`, which names the first bad event or accepts what orjson alone
@@ -231,9 +235,10 @@ class QueueServer:
                         raise InvalidEvent("key too long")
                     key.decode()
                     partition = partition_for(key, count)
-                    if len(routes) >= MAX_ROUTES:
-                        routes.clear()
-                    routes[key] = partition
+                    if len(key) <= MAX_ROUTED_KEY_BYTES:
+                        if len(routes) >= MAX_ROUTES:
+                            routes.clear()
+                        routes[key] = partition
                 if len(value) > limit or type(loads(value)) is not dict:
                     raise InvalidEvent("not an object")
                 append(partition)
