@@ -363,12 +363,12 @@ class Group:
             progress = False
             for step in range(count_partitions):
                 credit = member.max_in_flight - member.in_flight
-                index = (member._next_index + step) % count_partitions
                 if credit <= 0 or not connection.writable or pending_bytes > MAX_BYTES_PER_DELIVER:
-                    # The next dispatch starts at the first partition not served, so a
-                    # partition with a backlog cannot take all the credit an ACK frees.
-                    member._next_index = index
+                    # NOTE: the next dispatch starts again at the partition this pass
+                    # started at, so while credit is short one partition with a backlog
+                    # can take the credit each ACK frees and the others wait.
                     return
+                index = (member._next_index + step) % count_partitions
                 partition = partitions[index]
                 cursor = cursors[partition]
                 log = logs[partition]
