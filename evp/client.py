@@ -328,8 +328,16 @@ class Producer:
         Returns at once; the batch goes out when the event loop next runs. The queue
         checks the event, and `on_rejected` hears about an invalid one. `timestamp_us`
         (µs since the epoch) defaults to now and is what `evp replay --from-time`
-        searches.
+        searches. Raises ValueError for a key over 65,535 bytes, which the queue
+        could never store.
         """
+        if len(key) > records.MAX_KEY_BYTES:
+            # Checked here, before the event joins a batch: the frame cannot encode
+            # it, and a batch that cannot be encoded would stop every later publish.
+            raise ValueError(
+                f"the key is {len(key)} bytes, over the limit of {records.MAX_KEY_BYTES} bytes per "
+                f"key; publish the event under a shorter key"
+            )
         if timestamp_us is None:
             timestamp_us = time.time_ns() // 1000
         batch = self._open.get(topic)

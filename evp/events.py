@@ -32,6 +32,8 @@ from typing import IO, Any
 
 import orjson
 
+from evp.records import MAX_KEY_BYTES
+
 
 # 19 digits or more may not fit in a signed or unsigned 64-bit integer.
 LONG_NUMBER = re.compile(rb"\d{19}")
@@ -84,7 +86,13 @@ def extract_key(event: dict[str, Any], paths: list[list[str]]) -> bytes:
 
 def _key_bytes(value: Any, path: list[str]) -> bytes:
     if isinstance(value, str):
-        return value.encode()
+        key = value.encode()
+        if len(key) > MAX_KEY_BYTES:
+            raise InvalidEvent(
+                f"key field {'.'.join(path)!r} is {len(key)} bytes in UTF-8, over the limit of "
+                f"{MAX_KEY_BYTES} bytes per key; choose a shorter field with --key-field"
+            )
+        return key
     if isinstance(value, bool) or value is None:
         raise InvalidEvent(
             f"key field {'.'.join(path)!r} is {json.dumps(value)}; keys must be strings or numbers"
@@ -301,10 +309,10 @@ class EventGenerator:
 
     Generation is on the publisher's hot path, where building a dict and encoding it
     cost three times the rest of the publisher's work per event. So each event is one
-    bytes template filled with parts made in advance: the id has the shape of a
-    version-4 UUID, random per generator in its first 20 digits and the event's
-    number in the last 12, so ids are unique; the time string is reused within one
-    millisecond; and the action, page, duration and amount come from a table of
+    bytes template filled with parts made in advance. The id has the shape of a
+    version-4 UUID, random per generator in its first 20 digits and the event's number
+    in the last 12, so ids are unique. The time string is reused within one
+    millisecond. The action, page, duration and amount come from a table of
     DETAIL_CHOICES random combinations made at start.
     """
 

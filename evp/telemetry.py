@@ -37,6 +37,9 @@ HOT_KEYS_REPORTED = 5
 # are updated, which bounds memory when a topic has millions of keys. A key that
 # becomes hot late in an interval is then found in the next one.
 MAX_KEYS_COUNTED = 10_000
+# A longer key is counted under its first this many bytes, so the counts of a topic
+# take at most about MAX_KEYS_COUNTED * MAX_COUNTED_KEY_BYTES bytes (2.5 MB).
+MAX_COUNTED_KEY_BYTES = 256
 # A member that sent nothing for this many heartbeat intervals is reported as missing
 # its heartbeats. It is declared dead later, at the session timeout.
 HEARTBEAT_MISSED_INTERVALS = 3
@@ -86,6 +89,8 @@ class KeyCounter:
 
     def add(self, key: bytes, partition: int) -> None:
         self.partition_counts[partition] += 1
+        if len(key) > MAX_COUNTED_KEY_BYTES:
+            key = key[:MAX_COUNTED_KEY_BYTES]
         entry = self.keys.get(key)
         if entry is not None:
             entry[1] += 1

@@ -11,6 +11,7 @@ import pytest
 from conftest import background_publish, consume, snapshot, wait_until
 
 from evp import events
+from evp.client import Producer
 
 
 def consume_values(address: str, topic: str, count: int) -> list[dict]:
@@ -32,6 +33,7 @@ REJECTED_LINES = {
     5: (b'{"id": "big", "v": 1e400}', "Out of range float values are not JSON compliant"),
     6: (b'{"id": "surrogate", "v": "\\ud800"}', "surrogates not allowed"),
     7: (b'{"id": 18446744073709551617, "v": "\\udfff"}', "surrogates not allowed"),
+    8: (b'{"id": "' + b"k" * 65_536 + b'"}', "65536 bytes in UTF-8, over the limit of 65535 bytes"),
 }
 
 
@@ -131,3 +133,25 @@ def test_publish_ctrl_c_prints_summary(evp):
     assert figures["unacknowledged"] == "0"
     assert f"interrupted: {figures['acknowledged']} events acknowledged, 0 not acknowledged" in stderr
     assert stored(address, "events") == int(figures["acknowledged"])
+
+
+def test_producer_rejects_long_key_and_goes_on(evp):
+    _, address = evp.queue(None, None, "--partitions", "2")
+
+    async def run() -> tuple[str, int]:
+        producer = Producer(address)
+        await producer.start()
+        try:
+            producer.publish("keys", b"before", b'{"n": 1}')
+            with pytest.raises(ValueError) as error:
+                producer.publish("keys", b"k" * 65_536, b'{"n": 2}')
+            producer.publish("keys", b"after", b'{"n": 3}')
+            assert await producer.flush(timeout_s=10)
+            return str(error.value), producer.acked
+        finally:
+            await producer.close()
+
+    message, acked = asyncio.run(run())
+    assert "65536 bytes, over the limit of 65535 bytes" in message
+    assert acked == 2
+    assert stored(address, "keys") == 2

@@ -178,3 +178,22 @@ def test_metrics_agree_with_snapshot(evp):
     assert count and count[0] > 0
     infinity = [s.value for s in latency if s.labels.get("le") == "+Inf"]
     assert infinity == count
+
+
+def test_hot_key_counts_bounded_for_long_keys():
+    from evp.telemetry import MAX_COUNTED_KEY_BYTES, MAX_KEYS_COUNTED, KeyCounter
+
+    counter = KeyCounter(partitions=4)
+    for number in range(MAX_KEYS_COUNTED + 500):
+        counter.add(b"%06d" % number + b"x" * 60_000, number % 4)
+    assert len(counter.keys) == MAX_KEYS_COUNTED
+    assert max(len(key) for key in counter.keys) == MAX_COUNTED_KEY_BYTES
+    # A long key that is hot is still found, under its first bytes.
+    counter.reset()
+    hot = b"hot-" + b"y" * 70_000
+    for _ in range(100):
+        counter.add(hot, 1)
+    found = counter.hot_keys(interval_s=1.0)
+    assert len(found) == 1
+    assert found[0]["key"] == hot[:MAX_COUNTED_KEY_BYTES].decode()
+    assert found[0]["partition"] == 1
