@@ -17,8 +17,22 @@ from evp.cli_admin import (
     fail,
     run_async,
 )
+from evp.records import MAX_KEY_BYTES
 
 TopicName = Annotated[str, typer.Option("--topic", envvar="EVP_TOPIC", help="Topic name.")]
+
+def check_key(key: str) -> None:
+    """Exit with a clear error unless `key` could be the key of a stored event."""
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:
+        fail(f"the key {key!r} is not valid UTF-8; event keys are UTF-8 text")
+    if size > MAX_KEY_BYTES:
+        fail(
+            f"the key is {size} bytes in UTF-8, over the limit of {MAX_KEY_BYTES} bytes per "
+            f"key, so no event has it; give the key as the publisher extracts it"
+        )
+
 
 def parse_time(text: str) -> int:
     """Parse an ISO 8601 time into µs since the epoch; a time without offset is UTC."""
@@ -102,6 +116,7 @@ def route(
     tls_ca: TlsCa = None,
 ) -> None:
     """Print the partition that owns a key, and the shard that owns that partition now."""
+    check_key(key)
     args = {"topic": topic, "key": key, "group": group}
     result = _request(queue, "keys.route", args, token, tls_ca)
     if json_output:
@@ -147,6 +162,8 @@ def tail(
         fail("give at most one of --from-start, --from-offset and --last")
     if last is None and not from_start and from_offset is None:
         last = 10
+    if key is not None:
+        check_key(key)
 
     from evp import tail as tail_run
 

@@ -103,6 +103,13 @@ class QueueConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _preview(data: bytes, limit: int = 40) -> str:
+    """Return `data` as an error message shows it: its start only, when it is long."""
+    if len(data) <= limit:
+        return repr(data)
+    return f"{data[:limit]!r}... ({len(data)} bytes)"
+
+
 class InvalidEvent(Exception):
     """An event in a PUBLISH batch that the queue will not store."""
 
@@ -196,18 +203,27 @@ class QueueServer:
             if len(value) > limit:
                 raise InvalidEvent(
                     f"event {index} is {len(value)} bytes, over the limit of {limit} bytes "
-                    f"(queue option --max-event-bytes)"
+                    f"(queue option --max-event-bytes): {_preview(value)}"
                 )
             if len(key) > MAX_KEY_BYTES:
-                raise InvalidEvent(f"event {index} has a key of {len(key)} bytes; the limit is {MAX_KEY_BYTES}")
+                raise InvalidEvent(
+                    f"event {index} has a key of {len(key)} bytes; the limit is {MAX_KEY_BYTES}: "
+                    f"{_preview(key)}"
+                )
             try:
                 key.decode()
             except UnicodeDecodeError:
-                raise InvalidEvent(f"event {index} has a key that is not valid UTF-8") from None
+                raise InvalidEvent(
+                    f"event {index} has a key that is not valid UTF-8: {_preview(key)}; "
+                    f"keys are UTF-8 text"
+                ) from None
             try:
                 check_object(value)
             except events.InvalidEvent as exc:
-                raise InvalidEvent(f"event {index} is invalid: {exc}") from None
+                raise InvalidEvent(
+                    f"event {index} is invalid: {exc}: {_preview(value)}; each event must be "
+                    f"a JSON object"
+                ) from None
 
     def _route_and_check(self, topic: Topic, entries: list[tuple[bytes, bytes, int]]) -> list[int]:
         """Return the partition of each entry, or raise InvalidEvent like `validate`.
@@ -215,10 +231,10 @@ class QueueServer:
         One pass does both, and a key seen before skips its checks and its hash:
         `topic.routes` remembers the partition of up to MAX_ROUTES valid keys of at
         most MAX_ROUTED_KEY_BYTES each.
-        Anything unusual (a key not seen before that fails its checks, an event
-        over the size limit, one orjson cannot read or that is not an object) goes
-        to `validate`, which names the first bad event or accepts what orjson alone
-        cannot read, such as integers beyond 64 bits.
+        Anything unusual goes to `validate`: a key not seen before that fails its
+        checks, an event over the size limit, one orjson cannot read or one that is
+        not an object. `validate` names the first bad event, or accepts what orjson
+        alone cannot read, such as integers beyond 64 bits.
         """
         limit = self.config.max_event_bytes
         routes = topic.routes

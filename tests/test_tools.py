@@ -429,3 +429,18 @@ def test_records_read_invalid_args(evp, args, message):
     create_topic(evp, address, "events", partitions=1)
     with pytest.raises(ServerError, match=message):
         read_records(address, args)
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern"),
+    [
+        (b"\xff\xfe", "is not valid UTF-8"),
+        (b"k" * 65_536, "65536 bytes in UTF-8, over the limit of 65535 bytes"),
+    ],
+    ids=["not-utf8", "too-long"],
+)
+def test_route_and_tail_reject_impossible_key(evp, key, pattern):
+    _, address = evp.queue()
+    for args in (("route", key), ("tail", "--key", key)):
+        stderr = failure_message(evp.run(*args, "--queue", address))
+        assert pattern in stderr, (args[0], stderr)
