@@ -275,9 +275,8 @@ async def publish(
                 await _wait_or_interrupted(producer.wait_for_capacity(), interrupted)
             elif config.rate > 0:
                 # Sleep until the next event is due, at least one tick, so that events
-                # due within a tick share a batch.
-                wait_s = sent / config.rate - (time.monotonic() - started)
-                await asyncio.sleep(max(TICK_S, wait_s) if wait_s > 0 else 0)
+                # due within a tick share a batch. Behind the rate, only yield.
+                await asyncio.sleep(max(TICK_S, -behind_s) if behind_s < 0 else 0)
             else:
                 await asyncio.sleep(0)
         finished_sending = True

@@ -39,9 +39,9 @@ from evp import __version__, admin, events, hashing, heap, protocol, retention
 from evp.groups import Group, Member
 from evp.log import OffsetOutOfRange, PartitionLog
 from evp.metrics import LatencyHistogram
-from evp.telemetry import SnapshotCollector, Telemetry
 from evp.records import MAX_KEY_BYTES
-from evp.storage import Retention, Store, StorageError, Topic, check_name
+from evp.storage import Retention, StorageError, Store, Topic, check_name
+from evp.telemetry import SnapshotCollector, Telemetry
 
 logger = logging.getLogger("evp.server")
 
@@ -57,9 +57,9 @@ WRITE_LOW_WATER_BYTES = 1024 * 1024
 # short fields and a token. Bytes from a peer that has not yet authenticated stay
 # under this bound, not under --max-frame-bytes.
 HELLO_MAX_FRAME_BYTES = 64 * 1024
-# Keys per topic whose partition the queue remembers; past it the table starts over.
-# Only keys of up to MAX_ROUTED_KEY_BYTES are remembered, so a topic's table stays
-# under about 10 MB; longer keys are hashed on every publish.
+# Keys per topic whose partition the queue remembers. Past this count the table
+# starts over. Longer keys than MAX_ROUTED_KEY_BYTES are hashed on every publish, so
+# a topic's table stays under about 10 MB (an estimate of the dict's overhead).
 MAX_ROUTES = 65_536
 MAX_ROUTED_KEY_BYTES = 64
 
@@ -101,6 +101,10 @@ class QueueConfig:
     min_free_disk_bytes: int = 256 * 1024 * 1024
     retention_check_interval_s: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _FullCheckNeeded(Exception):
+    """An event the one-pass check of a PUBLISH leaves to `QueueServer.validate`."""
 
 
 def _preview(data: bytes, limit: int = 40) -> str:
@@ -248,7 +252,7 @@ class QueueServer:
                 partition = routes.get(key)
                 if partition is None:
                     if len(key) > MAX_KEY_BYTES:
-                        raise InvalidEvent("key too long")
+                        raise _FullCheckNeeded
                     key.decode()
                     partition = partition_for(key, count)
                     if len(key) <= MAX_ROUTED_KEY_BYTES:
@@ -256,9 +260,9 @@ class QueueServer:
                             routes.clear()
                         routes[key] = partition
                 if len(value) > limit or type(loads(value)) is not dict:
-                    raise InvalidEvent("not an object")
+                    raise _FullCheckNeeded
                 append(partition)
-        except (InvalidEvent, UnicodeDecodeError, orjson.JSONDecodeError):
+        except (_FullCheckNeeded, UnicodeDecodeError, orjson.JSONDecodeError):
             self.validate(entries)
             return [partition_for(key, count) for key, _, _ in entries]
         return partitions

@@ -360,8 +360,8 @@ def assert_second_event_rejected(connection: RawConnection, batch: list, pattern
     assert "event 1 " in error.message
     assert pattern in error.message
     key, value, _ = batch[1]
-    shown = key if "key" in pattern else value
-    assert repr(shown[:40]) in error.message
+    offending = key if "key" in pattern else value
+    assert repr(offending[:40]) in error.message
     connection.send_frame(protocol.Publish(8, "accepted", [(b"k", VALID_EVENT, 7)]))
     assert connection.read_frame() == protocol.Published(8, 1)
 
